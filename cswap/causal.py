@@ -1,0 +1,122 @@
+"""Definitions 1 and 2 of the paper: the global causal effect and the three categories.
+
+Everything here is plain numpy/scipy on arrays of scores, vectorised over units, so the
+statistics can be checked against scipy directly and reused by every engine.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
+
+from .errors import NumericalError
+from .interfaces import Decision, SignificanceTest
+
+NEUTRAL, DETRIMENTAL, CRITICAL = "neutral", "detrimental", "critical"
+
+# Smallest sigma used as a denominator: a true-class probability of exactly 0 (underflow)
+# would otherwise make the relative effect infinite or undefined.
+SIGMA_FLOOR = 1e-12
+
+
+def effect(sigma: np.ndarray, sigma_star: np.ndarray, kind: str = "relative") -> np.ndarray:
+    """Per-observation effect of an intervention; its mean over S is xi (Definition 1).
+
+    `relative` is the paper's (sigma* - sigma) / sigma. It is bounded below by -1 and
+    unbounded above, so gains on poorly scored samples can outweigh losses on good ones;
+    `absolute` (sigma* - sigma) and `log_ratio` log(sigma*/sigma) are symmetric alternatives.
+    """
+    sigma = np.asarray(sigma, dtype=np.float64)
+    sigma_star = np.asarray(sigma_star, dtype=np.float64)
+    if kind == "relative":
+        return (sigma_star - sigma) / np.maximum(sigma, SIGMA_FLOOR)
+    if kind == "absolute":
+        return sigma_star - sigma
+    if kind == "log_ratio":
+        return np.log(np.maximum(sigma_star, SIGMA_FLOOR)) - np.log(np.maximum(sigma, SIGMA_FLOOR))
+    raise ValueError(f"unknown effect {kind!r}")
+
+
+def paired_p_values(sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
+    """Two-sided paired t-test p-values of sigma* vs sigma along the last axis.
+
+    A difference with zero variance (a dead unit changes nothing, or fewer than two pairs)
+    carries no evidence and gets p = 1 instead of scipy's NaN (or 0 for a constant shift).
+    """
+    diff = sigma_star - sigma
+    n = diff.shape[-1]
+    if n < 2:
+        return np.ones(diff.shape[:-1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = stats.ttest_rel(sigma_star, sigma, axis=-1).pvalue
+    p = np.asarray(p, dtype=np.float64)
+    degenerate = np.var(diff, axis=-1) == 0.0
+    return np.where(degenerate | np.isnan(p), 1.0, p)
+
+
+class PairedTTest(SignificanceTest):
+    """The paper's test: per-class paired t-tests and Definition 2's vote.
+
+    Options beyond the paper are explicit and default to the paper's rule, except that
+    differences within `tolerance` are treated as exactly zero: two networks that are
+    mathematically equal (a cut unit vs the same unit removed physically) differ by float32
+    round-off, and a t-test on pure round-off would call it significant 5% of the time.
+    """
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        alpha: float = Field(0.05, gt=0, lt=1, description="significance level of each test")
+        voting: Literal["per_class", "pooled"] = "per_class"
+        correction: Literal["none", "holm", "fdr_bh"] = "none"
+        effect: Literal["relative", "absolute", "log_ratio"] = "relative"
+        verdict: Literal["global_sign", "per_class_sign"] = "global_sign"
+        tolerance: float = Field(1e-6, ge=0, description="|sigma* - sigma| at or below this is 0")
+
+    def __init__(self, options: "PairedTTest.Options | None" = None, **_):
+        self.options = options or self.Options()
+
+    def decide(self, sigma: np.ndarray, sigma_star: np.ndarray, groups: np.ndarray) -> list[Decision]:
+        o = self.options
+        sigma = np.asarray(sigma, dtype=np.float64)
+        sigma_star = np.atleast_2d(np.asarray(sigma_star, dtype=np.float64))
+        groups = np.asarray(groups)
+        if not np.isfinite(sigma).all() or not np.isfinite(sigma_star).all():
+            raise NumericalError("scores contain NaN or infinity; check the model and the scoring function")
+        # round-off is not an effect
+        sigma_star = np.where(np.abs(sigma_star - sigma) <= o.tolerance, sigma, sigma_star)
+        xi = effect(sigma, sigma_star, o.effect).mean(axis=-1)
+        labels = np.unique(groups) if o.voting == "per_class" else np.array([-1])
+        p = np.empty((sigma_star.shape[0], len(labels)))
+        hurt = np.empty_like(p, dtype=bool)
+        for j, k in enumerate(labels):
+            mask = groups == k if o.voting == "per_class" else slice(None)
+            p[:, j] = paired_p_values(sigma[mask], sigma_star[:, mask])
+            hurt[:, j] = (sigma_star[:, mask] - sigma[mask]).mean(axis=-1) < 0
+        significant = self._reject(p)
+        decisions = []
+        for u in range(sigma_star.shape[0]):
+            sig = significant[u]
+            if not sig.any():
+                category = NEUTRAL
+            elif o.verdict == "global_sign":
+                # Definition 2; xi == 0 with a significant class is kept (the safe side)
+                category = DETRIMENTAL if xi[u] > 0 else CRITICAL
+            else:
+                category = CRITICAL if (sig & hurt[u]).any() else DETRIMENTAL
+            decisions.append(Decision(
+                category=category,
+                xi=float(xi[u]),
+                p_values={int(k): float(p[u, j]) for j, k in enumerate(labels)},
+                significant=[int(k) for j, k in enumerate(labels) if sig[j]],
+            ))
+        return decisions
+
+    def _reject(self, p: np.ndarray) -> np.ndarray:
+        o = self.options
+        if o.correction == "none" or p.shape[1] == 1:
+            return p < o.alpha
+        from statsmodels.stats.multitest import multipletests
+
+        return np.stack([multipletests(row, alpha=o.alpha, method=o.correction)[0] for row in p])

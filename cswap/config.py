@@ -1,0 +1,141 @@
+"""Run configuration: pydantic models read from YAML, with `--set a.b=c` overrides.
+
+Every model forbids unknown fields, so a typo is an error naming the field, and plugin names
+are checked against the entry points, so a config can only name registered plugins.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import registry
+from .errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    source: Literal["cswap", "torchvision", "timm"] = Field(
+        "cswap", description="cswap: a builder registered under cswap.models; or torchvision / timm by name")
+    name: str
+    kwargs: dict[str, Any] = {}
+    weights: Path | None = Field(None, description="local state-dict checkpoint")
+    allow_pickle: bool = Field(False, description="allow full-pickle checkpoints (runs code from the file)")
+
+
+class PluginRef(_Strict):
+    name: str
+    options: dict[str, Any] = {}
+
+
+class PruningConfig(_Strict):
+    params_ratio: float | None = Field(None, ge=0, le=1, description="target share of parameters to remove")
+    flops_ratio: float | None = Field(None, ge=0, le=1, description="target share of MACs to remove")
+    shuffle_units: bool = Field(True, description="visit the units of a layer in a seeded random order")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        if self.params_ratio is not None and self.flops_ratio is not None:
+            raise ValueError("give params_ratio or flops_ratio, not both")
+        return self
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(Path("runs"), description="run directories are created under this folder")
+    latency_repeats: int = Field(20, ge=1)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    seed: int = 0
+    device: str = "cpu"
+    model: ModelConfig
+    task: PluginRef
+    adapter: PluginRef = PluginRef(name="auto")
+    scorer: PluginRef | None = None  # default: the task's
+    test: PluginRef | None = None  # default: the task's
+    pruning: PruningConfig = PruningConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("task")
+    @classmethod
+    def _task_registered(cls, v: PluginRef) -> PluginRef:
+        return _registered("tasks", v)
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_registered(cls, v: PluginRef) -> PluginRef:
+        return v if v.name == "auto" else _registered("adapters", v)
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer_registered(cls, v: PluginRef | None) -> PluginRef | None:
+        return v if v is None else _registered("scorers", v)
+
+    @field_validator("test")
+    @classmethod
+    def _test_registered(cls, v: PluginRef | None) -> PluginRef | None:
+        return v if v is None else _registered("tests", v)
+
+    @model_validator(mode="after")
+    def _model_registered(self):
+        if self.model.source == "cswap" and self.model.name not in registry.available("models"):
+            raise ValueError(
+                f"unknown model {self.model.name!r}; registered: {', '.join(registry.available('models'))}"
+            )
+        return self
+
+
+def _registered(kind: str, ref: PluginRef) -> PluginRef:
+    names = registry.available(kind)
+    if ref.name not in names:
+        raise ValueError(f"unknown {kind[:-1]} {ref.name!r}; available: {', '.join(names) or '(none)'}")
+    return ref
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; the value is parsed as YAML (`0.1`, `true`, `[1, 2]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form a.b=c")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def parse_config(data: dict) -> RunConfig:
+    try:
+        return RunConfig(**data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(apply_overrides(data, list(overrides)))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

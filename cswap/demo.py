@@ -1,0 +1,61 @@
+"""`cswap demo`: C-SWAP on the embedded Fashion-MNIST ResNet-8, nothing downloaded.
+
+The checkpoint and a 2,640-image subset ship in `cswap/demo/` (Fashion-MNIST, MIT licence,
+see ATTRIBUTION.md there); `benchmarks/train_fashion_mnist.py` regenerates them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RunConfig, parse_config
+
+DEMO_DIR = Path(__file__).parent / "demo"
+
+
+def demo_config(samples_per_class: int = 32, output_dir: str | Path = "runs") -> RunConfig:
+    return parse_config({
+        "name": "demo",
+        "seed": 0,
+        "model": {
+            "source": "cswap",
+            "name": "cifar_resnet8",
+            "kwargs": {"width": 16, "in_channels": 1, "num_classes": 10},
+            "weights": str(DEMO_DIR / "fashion_resnet8.pt"),
+        },
+        "task": {"name": "classification", "options": {
+            "dataset": "npz",
+            "root": str(DEMO_DIR / "fashion_mnist_subset.npz"),
+            "manifold_split": "manifold",
+            "eval_split": "eval",
+            "samples_per_class": samples_per_class,
+        }},
+        "test": {"name": "paired_t", "options": {"alpha": 0.05, "voting": "per_class"}},
+        "output": {"dir": str(output_dir), "latency_repeats": 20},
+    })
+
+
+def summary(report: dict) -> str:
+    """The before/after table the demo prints (and README quotes)."""
+    b, a = report["before"], report["after"]
+    batch_key = next(k for k in b if k.startswith("latency_ms_batch") and k != "latency_ms_batch1")
+    rows = [
+        ("parameters", f"{b['params']:,}", f"{a['params']:,}", f"-{report['params_removed_ratio']:.1%}"),
+        ("MACs / image", f"{b['macs']:,}", f"{a['macs']:,}", f"-{report['macs_removed_ratio']:.1%}"),
+        ("latency, batch 1 (ms)", f"{b['latency_ms_batch1']:.2f}", f"{a['latency_ms_batch1']:.2f}",
+         f"x{b['latency_ms_batch1'] / a['latency_ms_batch1']:.2f}"),
+        (f"latency, {batch_key[11:].replace('batch', 'batch ')} (ms)", f"{b[batch_key]:.2f}", f"{a[batch_key]:.2f}",
+         f"x{b[batch_key] / a[batch_key]:.2f}"),
+        (f"accuracy ({b['eval_samples']} test images)", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}",
+         f"{(a['accuracy'] - b['accuracy']) * 100:+.2f} pt"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'original':>12}  {'pruned':>12}  {'change':>9}"]
+    lines += [f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>9}" for r in rows]
+    c = report["categories"]
+    lines.append(
+        f"units: {report['units_total']} analysed -> {c.get('neutral', 0)} neutral, "
+        f"{c.get('detrimental', 0)} detrimental, {c.get('critical', 0)} critical, "
+        f"{c.get('untested', 0)} kept as last of their layer; {report['units_removed']} removed"
+    )
+    lines.append(f"analysis {report['analysis_seconds']:.1f} s, total {report['total_seconds']:.1f} s")
+    return "\n".join(lines)

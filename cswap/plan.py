@@ -1,0 +1,240 @@
+"""PruningPlan: an ordered list of removal steps, saved as JSON and replayed physically.
+
+Every method (C-SWAP and the baselines) produces one, so curves for all of them are made by
+the same code: a prefix of the steps is removed from a fresh copy of the model. Parameter
+costs are counted per step on the real model's shapes (`units.ParamLedger`), so a ratio
+lands within one unit's cost of what was asked, and an analysis that took hours is never
+redone to get another ratio.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .units import ParamLedger, Unit, UnitGraph, count_params, prune_units
+
+SCHEMA = "cswap.plan/1"
+PROGRESSIVE = "progressive"  # removed during the analysis (neutral or detrimental)
+CRITICAL_RANKED = "critical"  # critical units, least beneficial first, only for a target
+RANKED = "ranked"  # a baseline criterion's global ranking
+
+
+@dataclass
+class PlanStep:
+    unit: Unit
+    phase: str
+    category: str | None = None
+    xi: float | None = None
+    score: float | None = None
+    p_values: dict[int, float] = field(default_factory=dict)
+    params_freed: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["unit"] = str(self.unit)
+        d["p_values"] = {str(k): v for k, v in self.p_values.items()}
+        return {k: v for k, v in d.items() if v is not None and v != {}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PlanStep":
+        d = dict(d)
+        d["unit"] = Unit.parse(d["unit"])
+        d["p_values"] = {int(k): float(v) for k, v in d.get("p_values", {}).items()}
+        return cls(**d)
+
+
+@dataclass
+class PruningPlan:
+    method: str
+    adapter: str
+    input_shape: tuple[int, ...]
+    params_total: int
+    steps: list[PlanStep]
+    layers: dict[str, int]  # prunable layer -> channels, in analysis order
+    protected: dict[str, str] = field(default_factory=dict)  # unit -> why it is never removed
+    skipped_layers: dict[str, str] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # ---- building -----------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        graph: UnitGraph,
+        ordered: Iterable[PlanStep],
+        *,
+        method: str,
+        adapter: str,
+        meta: dict | None = None,
+    ) -> "PruningPlan":
+        """Count each step's parameter cost in order; drop steps that would empty a layer."""
+        ledger = ParamLedger(model, graph)
+        remaining = {layer.name: layer.channels for layer in graph.layers}
+        steps, protected = [], {}
+        for step in ordered:
+            if remaining[step.unit.layer] <= 1:
+                protected[str(step.unit)] = "last unit of its layer"
+                continue
+            remaining[step.unit.layer] -= 1
+            step.params_freed = ledger.remove(step.unit)
+            steps.append(step)
+        return cls(
+            method=method,
+            adapter=adapter,
+            input_shape=tuple(graph.input_shape),
+            params_total=ledger.total,
+            steps=steps,
+            layers={layer.name: layer.channels for layer in graph.layers},
+            protected=protected,
+            skipped_layers=dict(graph.skipped),
+            meta=meta or {},
+        )
+
+    # ---- queries --------------------------------------------------------------------
+    @property
+    def num_noncritical(self) -> int:
+        return sum(1 for s in self.steps if s.phase == PROGRESSIVE)
+
+    def category_counts(self) -> dict[str, int]:
+        """Units per category as the analysis decided them (empty for a baseline ranking)."""
+        return dict(self.meta.get("categories", {}))
+
+    def cumulative_params_removed(self) -> list[int]:
+        """Parameters removed after each prefix length 0..len(steps)."""
+        out, total = [0], 0
+        for s in self.steps:
+            total += s.params_freed
+            out.append(total)
+        return out
+
+    def prefix_for(self, params_ratio: float | None = None) -> int:
+        """Number of leading steps to replay: the fewest reaching `params_ratio` of the
+        parameters, or the non-critical steps when no ratio is given."""
+        if params_ratio is None:
+            if self.num_noncritical == 0 and self.steps and self.steps[0].phase == RANKED:
+                raise ValueError(f"the {self.method} plan is a ranking: give params_ratio or flops_ratio")
+            return self.num_noncritical
+        if not 0.0 <= params_ratio <= 1.0:
+            raise ValueError(f"params_ratio must be in [0, 1], got {params_ratio}")
+        goal = params_ratio * self.params_total
+        for k, removed in enumerate(self.cumulative_params_removed()):
+            if removed >= goal - 1e-9:
+                return k
+        reachable = self.cumulative_params_removed()[-1] / max(self.params_total, 1)
+        warnings.warn(
+            f"params_ratio {params_ratio:.3f} is beyond what this plan can remove "
+            f"({reachable:.3f}); replaying all {len(self.steps)} steps"
+        )
+        return len(self.steps)
+
+    def units(self, k: int | None = None) -> list[Unit]:
+        return [s.unit for s in self.steps[: len(self.steps) if k is None else k]]
+
+    # ---- replay ---------------------------------------------------------------------
+    def example_inputs(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros((1, *self.input_shape), device=device)
+
+    def apply(
+        self,
+        model: nn.Module,
+        params_ratio: float | None = None,
+        *,
+        flops_ratio: float | None = None,
+        adapter=None,
+        inplace: bool = False,
+    ) -> nn.Module:
+        """Physically remove a prefix of the steps from a copy of `model`.
+
+        No ratio replays the non-critical steps only (the paper's C-SWAP without a target).
+        `flops_ratio` searches the shortest prefix removing at least that share of MACs.
+        """
+        if params_ratio is not None and flops_ratio is not None:
+            raise ValueError("give params_ratio or flops_ratio, not both")
+        if count_params(model) != self.params_total:
+            raise ModelError(
+                f"the plan was made for a model with {self.params_total} parameters, "
+                f"this one has {count_params(model)}"
+            )
+        k = self._flops_prefix(model, flops_ratio) if flops_ratio is not None else self.prefix_for(params_ratio)
+        return self.apply_prefix(model, k, adapter=adapter, inplace=inplace)
+
+    def apply_prefix(self, model: nn.Module, k: int, *, adapter=None, inplace: bool = False) -> nn.Module:
+        pruned = model if inplace else copy.deepcopy(model)
+        device = next(pruned.parameters()).device
+        prune_units(pruned, self.example_inputs(device), self.units(k))
+        (adapter or self._adapter()).after_pruning(pruned)
+        return pruned
+
+    def _adapter(self):
+        from . import registry
+
+        return registry.create("adapters", self.adapter)
+
+    def _flops_prefix(self, model: nn.Module, flops_ratio: float) -> int:
+        from .metrics import count_macs
+
+        if not 0.0 <= flops_ratio <= 1.0:
+            raise ValueError(f"flops_ratio must be in [0, 1], got {flops_ratio}")
+        x = self.example_inputs(next(model.parameters()).device)
+        goal = (1.0 - flops_ratio) * count_macs(model, x)
+        lo, hi = 0, len(self.steps)  # removing more steps never adds MACs: bisect
+        if count_macs(self.apply_prefix(model, hi), x) > goal:
+            warnings.warn(f"flops_ratio {flops_ratio:.3f} is beyond what this plan can remove; replaying all steps")
+            return hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count_macs(self.apply_prefix(model, mid), x) <= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    # ---- persistence ----------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "method": self.method,
+            "adapter": self.adapter,
+            "input_shape": list(self.input_shape),
+            "params_total": self.params_total,
+            "layers": self.layers,
+            "skipped_layers": self.skipped_layers,
+            "protected": self.protected,
+            "category_counts": self.category_counts(),
+            "num_noncritical": self.num_noncritical,
+            "steps": [s.to_json() for s in self.steps],
+            "meta": self.meta,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        from .files import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PruningPlan":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"not a C-SWAP plan (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+        return cls(
+            method=d["method"],
+            adapter=d["adapter"],
+            input_shape=tuple(d["input_shape"]),
+            params_total=int(d["params_total"]),
+            steps=[PlanStep.from_json(s) for s in d["steps"]],
+            layers=dict(d["layers"]),
+            protected=dict(d.get("protected", {})),
+            skipped_layers=dict(d.get("skipped_layers", {})),
+            meta=dict(d.get("meta", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PruningPlan":
+        return cls.from_json(json.loads(Path(path).read_text()))

@@ -1,0 +1,173 @@
+"""`cswap prune`: one analysis from a config to a run directory.
+
+The run is assembled in `<run>.partial/` and renamed to `<run>/` only after the pruned model
+passed its self-check and every file is written, so a directory without the suffix is
+always complete, and a failed run leaves only a `.partial` folder with its log.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .build import build_model, build_scorer, build_task, build_test, resolve_adapter
+from .config import RunConfig, dump_config, parse_config
+from .errors import CSwapError, DataError, ModelError
+from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
+from .metrics import model_costs
+from .plan import PruningPlan
+from .pruner import progressive_prune
+from .units import Intervention, UnitGraph
+
+log = logging.getLogger("cswap")
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return cfg.output.dir / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def describe(cfg: RunConfig) -> str:
+    """What `--dry-run` prints: the model, its units, and what would run."""
+    model, note = build_model(cfg.model, random_if_missing=True)
+    task = build_task(cfg.task)
+    adapter_name, adapter = resolve_adapter(cfg.adapter, model)
+    x = task.example_inputs()
+    graph = adapter.units(model, x)
+    lines = [
+        f"model      {cfg.model.source}:{cfg.model.name}  ({sum(p.numel() for p in model.parameters()):,} parameters; {note})",
+        f"task       {cfg.task.name}  example input {tuple(x.shape)}",
+        f"adapter    {adapter_name}",
+        f"scorer     {(cfg.scorer.name if cfg.scorer else task.default_scorer)}",
+        f"test       {(cfg.test.name if cfg.test else task.default_test)} {cfg.test.options if cfg.test else ''}",
+        f"units      {graph.num_units} in {len(graph.layers)} layers (output to input):",
+    ]
+    lines += [f"  {layer.name:<40} {layer.channels:>6}" for layer in graph.layers]
+    lines += [f"  not pruned: {name}: {why}" for name, why in graph.skipped.items()]
+    target = cfg.pruning.params_ratio or cfg.pruning.flops_ratio
+    lines.append(f"would run  one forward pass over S per unit ({graph.num_units} units)"
+                 + (f", then replay to target {target}" if target else ", then remove non-critical units"))
+    return "\n".join(lines)
+
+
+def self_check(model: nn.Module, pruned: nn.Module, graph: UnitGraph, plan: PruningPlan, k: int, batch: torch.Tensor) -> float:
+    """Max |pruned - intervened| on a batch of S; the two must agree (removal == cut)."""
+    cut_model = copy.deepcopy(model).eval()
+    cut = Intervention(cut_model, graph)
+    for unit in plan.units(k):
+        cut.cut(unit)
+    with torch.no_grad():
+        a, b = cut_model(batch), pruned.eval()(batch)
+    diff = (a - b).abs().max().item()
+    scale = max(a.abs().max().item(), 1.0)
+    if not diff <= 1e-4 * scale:
+        raise ModelError(
+            f"self-check failed: the pruned model's outputs differ from the intervened model's by {diff:.3g}; "
+            "nothing was saved as complete (please report this with the run's log)"
+        )
+    return diff
+
+
+def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Run C-SWAP as configured and write the run directory; returns its path."""
+    final = Path(run_dir) if run_dir else default_run_dir(cfg)
+    if final.exists() and any(final.iterdir()):
+        raise CSwapError(f"run directory {final} already exists and is not empty")
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    handler = logging.FileHandler(partial / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        write_text_atomic(partial / "config.yaml", dump_config(cfg))
+        report = _run(cfg, partial, progress)
+        write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
+    except BaseException:
+        log.exception("run failed")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    if final.exists():
+        final.rmdir()
+    os.replace(partial, final)
+    return final
+
+
+def _run(cfg: RunConfig, out: Path, progress: bool) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model, note = build_model(cfg.model)
+    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
+    task = build_task(cfg.task)
+    scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
+    adapter_name, adapter = resolve_adapter(cfg.adapter, model)
+    x = task.example_inputs()
+    graph = adapter.units(model, x)
+    if not graph.layers:
+        raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in graph.skipped.items()))
+    manifold = task.manifold(cfg.seed)
+    if len(manifold) == 0:
+        raise DataError("the sample set S is empty")
+    log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
+
+    model = model.to(device)
+    before = {**task.evaluate(model, device), **model_costs(model, x.to(device), repeats=cfg.output.latency_repeats)}
+    analysis_started = time.perf_counter()
+    plan = progressive_prune(
+        model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
+        shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
+    )
+    analysis_seconds = time.perf_counter() - analysis_started
+    plan.save(out / "plan.json")
+
+    if cfg.pruning.flops_ratio is not None:
+        k = plan._flops_prefix(model, cfg.pruning.flops_ratio)
+    else:
+        k = plan.prefix_for(cfg.pruning.params_ratio)
+    pruned = plan.apply_prefix(model, k, adapter=adapter)
+    diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
+    after = {**task.evaluate(pruned, device), **model_costs(pruned, x.to(device), repeats=cfg.output.latency_repeats)}
+    save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
+    return {
+        "model": f"{cfg.model.source}:{cfg.model.name}",
+        "adapter": adapter_name,
+        "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
+        "steps_applied": k,
+        "categories": plan.category_counts(),
+        "units_total": graph.num_units,
+        "units_removed": k,
+        "before": before,
+        "after": after,
+        "params_removed_ratio": 1 - after["params"] / before["params"],
+        "macs_removed_ratio": 1 - after["macs"] / before["macs"],
+        "self_check_max_abs_diff": diff,
+        "analysis_seconds": round(analysis_seconds, 3),
+        "total_seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def load_pruned(run_dir: str | Path) -> nn.Module:
+    """Rebuild a run's pruned model in a fresh process: architecture from the config, shape
+    from replaying the plan, weights from `pruned_model.pt` (loaded with weights_only)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    plan = PruningPlan.load(run_dir / "plan.json")
+    report = json.loads((run_dir / "report.json").read_text())
+    model, _ = build_model(cfg.model.model_copy(update={"weights": None}))
+    _, adapter = resolve_adapter(cfg.adapter, model)
+    pruned = plan.apply_prefix(model, report["steps_applied"], adapter=adapter, inplace=True)
+    pruned.load_state_dict(load_checkpoint(run_dir / "pruned_model.pt"))
+    return pruned.eval()

@@ -1,0 +1,24 @@
+"""sigma for classification: the softmax probability of the true class (paper §3.2)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cswap.interfaces import Scores, ScoringFunction
+
+
+class TrueClassProbability(ScoringFunction):
+    """p_y(x) = softmax(z)_y, one observation per sample, grouped by its class.
+
+    Computed as exp(log_softmax) in float64 so that a confident mistake gives a tiny positive
+    probability rather than an underflowed 0 that would make (sigma* - sigma)/sigma undefined.
+    """
+
+    higher_is_better = True
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> Scores:
+        if isinstance(outputs, (tuple, list)):
+            outputs = outputs[0]
+        logp = torch.log_softmax(outputs.detach().to(torch.float64), dim=1)
+        values = logp.gather(1, targets.view(-1, 1).long()).squeeze(1).exp()
+        return Scores(values.cpu().numpy(), targets.detach().cpu().numpy().astype(np.int64))
