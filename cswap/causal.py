@@ -5,6 +5,7 @@ statistics can be checked against scipy directly and reused by every engine.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -44,15 +45,18 @@ def paired_p_values(sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
 
     A difference with zero variance (a dead unit changes nothing, or fewer than two pairs)
     carries no evidence and gets p = 1 instead of scipy's NaN (or 0 for a constant shift).
+    "Zero" allows float64 round-off: a constant shift computed as (s + c) - s is not exact.
     """
     diff = sigma_star - sigma
     n = diff.shape[-1]
     if n < 2:
         return np.ones(diff.shape[:-1])
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # degenerate rows are handled below
         p = stats.ttest_rel(sigma_star, sigma, axis=-1).pvalue
     p = np.asarray(p, dtype=np.float64)
-    degenerate = np.var(diff, axis=-1) == 0.0
+    spread = np.std(diff, axis=-1)
+    degenerate = spread <= 1e-12 * np.maximum(1.0, np.abs(diff).max(axis=-1))
     return np.where(degenerate | np.isnan(p), 1.0, p)
 
 

@@ -96,7 +96,8 @@ class UnitGraph:
 
 def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        with torch.enable_grad():  # torch-pruning traces through autograd
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as exc:  # torch-pruning raises many kinds while tracing
         culprit = _first_failing_module(model, example_inputs)
         where = f" in module {culprit!r}" if culprit else ""
