@@ -29,6 +29,7 @@ def analyze(
     shuffle_units: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    engine: str = "auto",
 ) -> PruningPlan:
     """Run progressive C-SWAP (Algorithm 1) and return the plan; `model` is left unchanged.
 
@@ -54,4 +55,5 @@ def analyze(
     return progressive_prune(
         model, graph, task.manifold(seed), score_fn, test, adapter=adapter_name,
         seed=seed, shuffle_units=shuffle_units, device=device, progress=progress,
+        stages=adapter_obj.stages, engine=engine,
     )

@@ -1,4 +1,4 @@
-"""Command line: `cswap list | prune | demo` (also `python -m cswap ...`)."""
+"""Command line: `cswap list | prune | demo | curve | sweep` (also `python -m cswap ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +39,7 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo_config, summary
+    from .demo import demo_config, ratio_table, summary
     from .run import run_prune
 
     cfg = demo_config(samples_per_class=args.samples_per_class)
@@ -47,7 +47,47 @@ def _cmd_demo(args) -> int:
           f"S = {args.samples_per_class} images per class, alpha = 0.05, per-class voting")
     run_dir = run_prune(cfg, args.out, progress=not args.quiet)
     print(summary(json.loads((run_dir / "report.json").read_text())))
+    print(ratio_table(run_dir))
     print(f"run directory: {run_dir}  (plan.json, pruned_model.pt, report.json, log.txt)")
+    return 0
+
+
+def _split(text: str, cast, what: str) -> list:
+    from .errors import ConfigError
+
+    try:
+        return [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} must be a comma-separated list, got {text!r}") from None
+
+
+def _cmd_curve(args) -> int:
+    from .config import load_config
+    from .curves import curve_from_config, parse_criteria, parse_ratios, sauce_markdown
+
+    cfg = load_config(args.config, args.set)
+    specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
+    out = args.out or cfg.output.dir / f"{cfg.name}-curve"
+    result, files = curve_from_config(cfg, specs, args.seeds, parse_ratios(args.ratios), out, progress=not args.quiet)
+    print(sauce_markdown(result, f"SAUCE: {cfg.name}"))
+    print("written: " + ", ".join(str(p) for p in files.values()))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .config import load_config
+    from .curves import parse_ratios
+    from .sweep import run_sweep, settings, write_sweep_outputs
+
+    cfg = load_config(args.config, args.set)
+    grid = settings(_split(args.alpha, float, "--alpha"), _split(args.voting, str, "--voting"),
+                    _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class
+                    else [cfg.task.options.get("samples_per_class", 128)])
+    out = args.out or cfg.output.dir / f"{cfg.name}-sweep"
+    rows = run_sweep(cfg, grid, args.seeds, parse_ratios(args.ratios), progress=not args.quiet)
+    files = write_sweep_outputs(rows, out, cfg.name)
+    print(files["md"].read_text())
+    print("written: " + ", ".join(str(p) for p in files.values()))
     return 0
 
 
@@ -64,19 +104,59 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="validate, build model and units, print what would run")
     s.add_argument("--out", type=Path, help="run directory (default: output.dir/<name>-<time>)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--verbose", action="store_true", help="log progress details to stderr")
     s.set_defaults(func=_cmd_prune)
 
     s = sub.add_parser("demo", help="prune the embedded Fashion-MNIST ResNet (nothing downloaded)")
     s.add_argument("--out", type=Path, help="run directory (default: runs/demo-<time>)")
     s.add_argument("--samples-per-class", type=int, default=32)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("curve", help="pruning curves and SAUCE of several criteria on the held-out split")
+    s.add_argument("config", type=Path)
+    s.add_argument("--criteria", default="cswap,magnitude,random",
+                   help="comma-separated registered criteria; NAME/layer adds per-layer normalisation")
+    s.add_argument("--criterion-options", metavar="JSON", help='options by criterion, e.g. \'{"amp": {"tau": 0.02}}\'')
+    s.add_argument("--seeds", type=int, default=3, help="seeds config.seed, config.seed+1, ...")
+    s.add_argument("--ratios", help="parameter ratios (default 0,0.05,...,0.95)")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
+    s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-curve)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_curve)
+
+    s = sub.add_parser("sweep", help="C-SWAP at several alpha / voting / M_k: categories, accuracy, SAUCE")
+    s.add_argument("config", type=Path)
+    s.add_argument("--alpha", default="0.01,0.05,0.1,0.2")
+    s.add_argument("--voting", default="per_class", help="per_class,pooled")
+    s.add_argument("--samples-per-class", help="M_k values, e.g. 16,32 (default: the config's)")
+    s.add_argument("--seeds", type=int, default=1)
+    s.add_argument("--ratios", help="parameter ratios of the SAUCE curve (default 0,0.05,...,0.95)")
+    s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
+    s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-sweep)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_sweep)
     return p
+
+
+def _console_logging(verbose: bool) -> None:
+    """Warnings (or everything with --verbose) on stderr; the run's log file gets INFO."""
+    logger = logging.getLogger("cswap")
+    if not any(getattr(h, "_cswap_console", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler._cswap_console = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    for h in logger.handlers:
+        if getattr(h, "_cswap_console", False):
+            h.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    _console_logging(verbose=getattr(args, "verbose", False))
     try:
         return args.func(args)
     except CSwapError as exc:

@@ -168,9 +168,14 @@ class PruningPlan:
 
     def apply_prefix(self, model: nn.Module, k: int, *, adapter=None, inplace: bool = False) -> nn.Module:
         pruned = model if inplace else copy.deepcopy(model)
-        device = next(pruned.parameters()).device
-        prune_units(pruned, self.example_inputs(device), self.units(k))
-        (adapter or self._adapter()).after_pruning(pruned)
+        adapter = adapter or self._adapter()
+        remove = getattr(adapter, "remove", None)  # units torch-pruning cannot remove (ViT heads)
+        if remove is not None:
+            remove(pruned, self.units(k))
+        else:
+            device = next(pruned.parameters()).device
+            prune_units(pruned, self.example_inputs(device), self.units(k))
+        adapter.after_pruning(pruned)
         return pruned
 
     def _adapter(self):

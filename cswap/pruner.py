@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from collections import Counter
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .causal import CRITICAL
-from .errors import NumericalError
+from .engine import FullForward, make_engine
 from .interfaces import Manifold, Scores, ScoringFunction, SignificanceTest
 from .plan import CRITICAL_RANKED, PROGRESSIVE, PlanStep, PruningPlan
 from .units import Intervention, UnitGraph
@@ -32,28 +33,18 @@ log = logging.getLogger("cswap")
 
 
 class ScoreEvaluator:
-    """sigma of a network on S: one forward pass over the fixed batches of the manifold."""
+    """sigma of any network on S by full forward passes (for criteria that score many models)."""
 
     def __init__(self, scorer: ScoringFunction, manifold: Manifold, device: torch.device | str = "cpu"):
-        self.scorer = scorer
-        self.batches = [(x.to(device), y.to(device) if torch.is_tensor(y) else y) for x, y in manifold]
-        self.passes = 0
+        self._engine = FullForward(None, scorer, manifold, device)
 
-    @torch.no_grad()
+    @property
+    def passes(self) -> int:
+        return self._engine.passes
+
     def __call__(self, model: nn.Module) -> Scores:
-        values, groups = [], []
-        for x, y in self.batches:
-            s = self.scorer.score(model(x), y)
-            values.append(np.asarray(s.values, dtype=np.float64))
-            groups.append(np.asarray(s.groups))
-        self.passes += 1
-        out = Scores(np.concatenate(values), np.concatenate(groups))
-        if not np.isfinite(out.values).all():
-            raise NumericalError(
-                f"the scoring function returned {int((~np.isfinite(out.values)).sum())} NaN/inf "
-                "values; check the model weights and the input normalisation"
-            )
-        return out
+        self._engine.model = model
+        return self._engine.baseline()
 
 
 def progressive_prune(
@@ -68,13 +59,19 @@ def progressive_prune(
     shuffle_units: bool = True,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    stages: Callable[[nn.Module], Sequence[nn.Module] | None] | None = None,
+    engine: str = "auto",
 ) -> PruningPlan:
-    """Run Algorithm 1 on a copy of `model` and return its plan (the model is not changed)."""
+    """Run Algorithm 1 on a copy of `model` and return its plan (the model is not changed).
+
+    `stages(model)` (an adapter's stage chain) lets the engine re-run only the part of the
+    network after each cut; the plan is the same either way.
+    """
     started = time.perf_counter()
     work = copy.deepcopy(model).to(device).eval()
     cut = Intervention(work, graph)
-    sigma_of = ScoreEvaluator(scorer, manifold, device)
-    base = sigma_of(work)
+    sigma_of = make_engine(engine, work, scorer, manifold, graph, stages(work) if stages else None, device)
+    base = sigma_of.baseline()
     rng = np.random.default_rng(seed)
     removed: list[PlanStep] = []
     critical: list[PlanStep] = []
@@ -94,7 +91,7 @@ def progressive_prune(
                 categories["untested"] += 1
                 continue
             with cut.trial([unit]):
-                star = sigma_of(work)
+                star = sigma_of.trial(unit)
             decision = test.decide(base.values, star.values[None, :], base.groups)[0]
             categories[decision.category] += 1
             step = PlanStep(unit, PROGRESSIVE, decision.category, decision.xi, p_values=decision.p_values)
@@ -103,6 +100,7 @@ def progressive_prune(
                 critical.append(step)
             else:
                 cut.cut(unit)
+                sigma_of.commit(unit)
                 base = star  # sigma of the network with this unit removed: no extra pass
                 remaining -= 1
                 removed.append(step)
@@ -120,5 +118,6 @@ def progressive_prune(
         },
     )
     plan.protected.update(protected)
-    log.info("analysis: %d forward passes in %.1f s", sigma_of.passes, time.perf_counter() - started)
+    log.info("analysis (%s engine): %d passes over S in %.1f s",
+             type(sigma_of).__name__, sigma_of.passes, time.perf_counter() - started)
     return plan

@@ -127,6 +127,7 @@ def _run(cfg: RunConfig, out: Path, progress: bool) -> dict:
     plan = progressive_prune(
         model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
         shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
+        stages=adapter.stages, engine=cfg.pruning.engine,
     )
     analysis_seconds = time.perf_counter() - analysis_started
     plan.save(out / "plan.json")
