@@ -85,7 +85,11 @@ def resolve_adapter(ref: PluginRef | str, model: nn.Module) -> tuple[str, Archit
         return ref.name, registry.create("adapters", ref.name, ref.options)
     candidates = []
     for name in registry.available("adapters"):
-        adapter = registry.create("adapters", name, ref.options if ref.options else None)
+        try:
+            adapter = registry.create("adapters", name, ref.options if ref.options else None)
+        except ImportError as exc:  # e.g. a plugin whose optional dependency is not installed
+            log.warning("adapter %s skipped by auto: %s", name, exc)
+            continue
         candidates.append((adapter.priority, name, adapter))
     for _, name, adapter in sorted(candidates, key=lambda c: (-c[0], c[1])):
         if adapter.matches(model):

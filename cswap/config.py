@@ -37,8 +37,10 @@ class PruningConfig(_Strict):
     params_ratio: float | None = Field(None, ge=0, le=1, description="target share of parameters to remove")
     flops_ratio: float | None = Field(None, ge=0, le=1, description="target share of MACs to remove")
     shuffle_units: bool = Field(True, description="visit the units of a layer in a seeded random order")
-    engine: Literal["auto", "staged", "full"] = Field(
-        "auto", description="staged: re-run only the stages after a cut (same plan); full: whole forward per unit")
+    engine: Literal["auto", "staged", "delta", "full"] = Field(
+        "auto", description="staged: re-run only what a cut changes (bitwise the same scores); delta: "
+        "also update the first reader by the cut's rank-one share (round-off differences); full: "
+        "whole forward per unit")
 
     @model_validator(mode="after")
     def _one_target(self):

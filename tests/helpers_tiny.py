@@ -1,0 +1,64 @@
+"""Tiny models and in-memory tasks shared by the criteria and curve tests (CPU, seconds)."""
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from adapters.cifar_resnet import cifar_resnet8
+from cswap import registry
+
+CLASSES = 4
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP
+# threads per process spin against the other processes: measured 25x slower than one thread.
+torch.set_num_threads(1)
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return cifar_resnet8(width=8, in_channels=1, num_classes=CLASSES).eval()
+
+
+def tiny_mobilenet() -> nn.Module:
+    """torchvision's MobileNetV2 (inverted residuals, depthwise convs, ReLU6 in place), shrunk:
+    two short stages (the second has a residual block) and a 16-channel last conv instead of
+    1280, so a per-unit analysis takes seconds."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(
+        num_classes=CLASSES, width_mult=1.0,
+        inverted_residual_setting=[[1, 8, 1, 1], [2, 16, 2, 2]])
+    model.features[-1] = Conv2dNormActivation(16, 16, kernel_size=1, activation_layer=nn.ReLU6)
+    model.classifier[1] = nn.Linear(16, CLASSES)
+    return model.eval()
+
+
+def blob_data(shape: tuple[int, ...], n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable random data: class k adds a fixed random pattern to noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(CLASSES, *shape, generator=torch.Generator().manual_seed(1234))
+    y = torch.arange(n) % CLASSES
+    x = 0.7 * patterns[y] + torch.randn(n, *shape, generator=g)
+    return x, y
+
+
+def tensor_task(shape, samples_per_class: int = 3, n: int = 64):
+    train, test = blob_data(shape, n, 0), blob_data(shape, n, 1)
+    return registry.create(
+        "tasks", "classification",
+        {"dataset": "tensors", "samples_per_class": samples_per_class, "batch_size": 64},
+        tensors={"train": train, "test": test})
+
+
+def train_briefly(model: nn.Module, task, steps: int = 30) -> nn.Module:
+    """A few Adam steps so that units matter unequally (random models have flat curves)."""
+    x, y = task._tensors["train"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
