@@ -26,15 +26,16 @@ def _cmd_list(args) -> int:
 def _cmd_prune(args) -> int:
     from .config import load_config
     from .demo import summary
-    from .run import describe, run_prune
+    from .run import describe, is_main_process, run_prune
 
     cfg = load_config(args.config, args.set)
     if args.dry_run:
         print(describe(cfg))
         return 0
-    run_dir = run_prune(cfg, args.out, progress=not args.quiet)
-    print(summary(json.loads((run_dir / "report.json").read_text())))
-    print(f"run directory: {run_dir}")
+    run_dir = run_prune(cfg, args.out, progress=not args.quiet, resume=args.resume)
+    if is_main_process():
+        print(summary(json.loads((run_dir / "report.json").read_text())))
+        print(f"run directory: {run_dir}")
     return 0
 
 
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
     s.add_argument("--dry-run", action="store_true", help="validate, build model and units, print what would run")
     s.add_argument("--out", type=Path, help="run directory (default: output.dir/<name>-<time>)")
+    s.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run (same config)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--verbose", action="store_true", help="log progress details to stderr")
     s.set_defaults(func=_cmd_prune)
@@ -154,9 +156,25 @@ def _console_logging(verbose: bool) -> None:
             h.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPU."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging(verbose=getattr(args, "verbose", False))
+    _init_distributed()
     try:
         return args.func(args)
     except CSwapError as exc:

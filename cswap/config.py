@@ -52,12 +52,15 @@ class PruningConfig(_Strict):
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="run directories are created under this folder")
     latency_repeats: int = Field(20, ge=1)
+    latency_batch: int = Field(32, ge=1, description="the second batch size latency is measured at")
+    checkpoint_seconds: float = Field(2.0, ge=0, description="save the analysis state at most this often")
 
 
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
     model: ModelConfig
     task: PluginRef
     adapter: PluginRef = PluginRef(name="auto")

@@ -59,6 +59,7 @@ def ratio_table(run_dir: Path, ratios=(0.1, 0.2, 0.3, 0.4, 0.5)) -> str:
 def summary(report: dict) -> str:
     """The before/after table the demo prints (and README quotes)."""
     b, a = report["before"], report["after"]
+    metric = report.get("metric", "accuracy")
     batch_key = next(k for k in b if k.startswith("latency_ms_batch") and k != "latency_ms_batch1")
     rows = [
         ("parameters", f"{b['params']:,}", f"{a['params']:,}", f"-{report['params_removed_ratio']:.1%}"),
@@ -67,8 +68,8 @@ def summary(report: dict) -> str:
          f"x{b['latency_ms_batch1'] / a['latency_ms_batch1']:.2f}"),
         (f"latency, {batch_key[11:].replace('batch', 'batch ')} (ms)", f"{b[batch_key]:.2f}", f"{a[batch_key]:.2f}",
          f"x{b[batch_key] / a[batch_key]:.2f}"),
-        (f"accuracy ({b['eval_samples']} test images)", f"{b['accuracy']:.2%}", f"{a['accuracy']:.2%}",
-         f"{(a['accuracy'] - b['accuracy']) * 100:+.2f} pt"),
+        (f"{metric} (held-out{', ' + str(b['eval_samples']) + ' samples' if 'eval_samples' in b else ''})",
+         f"{b[metric]:.2%}", f"{a[metric]:.2%}", f"{(a[metric] - b[metric]) * 100:+.2f} pt"),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'original':>12}  {'pruned':>12}  {'change':>9}"]

@@ -25,22 +25,40 @@ from .units import Unit, UnitGraph
 log = logging.getLogger("cswap")
 
 
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class FullForward:
     """sigma of the network on S by full forward passes over fixed batches."""
 
     def __init__(self, model: nn.Module, scorer: ScoringFunction, manifold: Manifold, device="cpu"):
         self.model, self.scorer = model, scorer
-        self.batches = [(x.to(device), y.to(device) if torch.is_tensor(y) else y) for x, y in manifold]
+        batches = list(manifold)
+        # under torch.distributed each rank scores every world-th batch of S; the scores are
+        # gathered and put back in batch order, so every rank sees exactly the single-process
+        # arrays (same batches, same per-sample numbers) and reaches the same decisions
+        self.rank, self.world = _rank_and_world()
+        self.batch_ids = list(range(len(batches)))[self.rank::self.world]
+        self.batches = [(x.to(device), y.to(device) if torch.is_tensor(y) else y)
+                        for x, y in (batches[i] for i in self.batch_ids)]
+        self.probe = batches[0][0].to(device) if batches else None  # a batch every rank has
         self.passes = 0  # forward passes over S (full or partial)
 
     def _scores(self, outputs: list, targets: list) -> Scores:
-        values, groups = [], []
-        for out, y in zip(outputs, targets):
+        parts = []
+        for bid, out, y in zip(self.batch_ids, outputs, targets):
             s = self.scorer.score(out, y)
-            values.append(np.asarray(s.values, dtype=np.float64))
-            groups.append(np.asarray(s.groups))
+            parts.append((bid, np.asarray(s.values, dtype=np.float64), np.asarray(s.groups)))
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            torch.distributed.all_gather_object(gathered, parts)
+            parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
         self.passes += 1
-        scores = Scores(np.concatenate(values), np.concatenate(groups))
+        scores = Scores(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
         if not np.isfinite(scores.values).all():
             raise NumericalError(
                 f"the scoring function returned {int((~np.isfinite(scores.values)).sum())} NaN/inf "
@@ -117,7 +135,7 @@ class Staged(FullForward):
 
         hooks = [m.register_forward_hook(record) for m in self.model.modules()]
         try:
-            self.model(self.batches[0][0][:1])
+            self.model(self.probe[:1])
         finally:
             for h in hooks:
                 h.remove()
@@ -125,10 +143,10 @@ class Staged(FullForward):
 
     @torch.no_grad()
     def check_equals_forward(self) -> bool:
-        h = self.batches[0][0]
+        h = self.probe
         for stage in self.stages:
             h = stage(h)
-        return torch.equal(h, self.model(self.batches[0][0]))
+        return torch.equal(h, self.model(self.probe))
 
     @torch.no_grad()
     def _run(self, start: int, replace: dict[nn.Module, object] | None = None):
@@ -173,7 +191,7 @@ class Staged(FullForward):
         reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
         replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
         if self.delta and idx_lists is not None and self._delta_ok(reader):
-            idx = torch.as_tensor(idx_lists[unit.channel], device=self.batches[0][0].device)
+            idx = torch.as_tensor(idx_lists[unit.channel], device=self.probe.device)
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
         outputs, inputs, module_outputs = self._run(start, replace)
         self._pending = (unit, start, inputs, module_outputs)

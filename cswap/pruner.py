@@ -61,11 +61,20 @@ def progressive_prune(
     progress: bool = True,
     stages: Callable[[nn.Module], Sequence[nn.Module] | None] | None = None,
     engine: str = "auto",
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_seconds: float = 2.0,
+    resume: dict | None = None,
 ) -> PruningPlan:
     """Run Algorithm 1 on a copy of `model` and return its plan (the model is not changed).
 
     `stages(model)` (an adapter's stage chain) lets the engine re-run only the part of the
     network after each cut; the plan is the same either way.
+
+    Crash safety: `checkpoint(state)` is called with every decision so far, at most every
+    `checkpoint_seconds` and after each layer; `resume=state` replays those decisions
+    (removed units are cut again, no test is re-run), recomputes sigma once, and continues.
+    Unit orders come from the seed, so a resumed run visits the same units in the same order
+    and yields the plan an uninterrupted run would.
     """
     started = time.perf_counter()
     work = copy.deepcopy(model).to(device).eval()
@@ -73,10 +82,20 @@ def progressive_prune(
     sigma_of = make_engine(engine, work, scorer, manifold, graph, stages(work) if stages else None, device)
     base = sigma_of.baseline()
     rng = np.random.default_rng(seed)
+    recorded = list((resume or {}).get("decisions", []))
+    stale_base = bool(recorded)  # after a replay, sigma must be recomputed once
+    decisions: list[dict] = []
     removed: list[PlanStep] = []
     critical: list[PlanStep] = []
     protected: dict[str, str] = {}
     categories: Counter = Counter()
+    last_save = time.perf_counter()
+
+    def save(force: bool = False) -> None:
+        nonlocal last_save
+        if checkpoint and (force or time.perf_counter() - last_save >= checkpoint_seconds):
+            checkpoint({"decisions": decisions})
+            last_save = time.perf_counter()
 
     layer_bar = tqdm(graph.layers, desc="layers", unit="layer", disable=not progress)
     for layer in layer_bar:
@@ -89,21 +108,39 @@ def progressive_prune(
             if remaining == 1:  # a layer cannot lose its last channel
                 protected[str(unit)] = "last unit of its layer (not tested)"
                 categories["untested"] += 1
+                decisions.append({"unit": str(unit), "category": "untested"})
                 continue
-            with cut.trial([unit]):
-                star = sigma_of.trial(unit)
-            decision = test.decide(base.values, star.values[None, :], base.groups)[0]
-            categories[decision.category] += 1
-            step = PlanStep(unit, PROGRESSIVE, decision.category, decision.xi, p_values=decision.p_values)
-            if decision.category == CRITICAL:
+            replay = recorded[len(decisions)] if len(decisions) < len(recorded) else None
+            if replay is not None and replay["category"] == "untested":
+                raise RuntimeError(f"resume state does not match this analysis at {unit}")
+            if replay is not None:
+                if replay["unit"] != str(unit):
+                    raise RuntimeError(f"resume state does not match this analysis at {unit} ({replay['unit']})")
+                step = PlanStep(unit, PROGRESSIVE, replay["category"], replay["xi"],
+                                p_values={int(k): v for k, v in replay["p_values"].items()})
+            else:
+                if stale_base:
+                    base = sigma_of.baseline()  # sigma of the network the replay rebuilt
+                    stale_base = False
+                with cut.trial([unit]):
+                    star = sigma_of.trial(unit)
+                d = test.decide(base.values, star.values[None, :], base.groups)[0]
+                step = PlanStep(unit, PROGRESSIVE, d.category, d.xi, p_values=d.p_values)
+            categories[step.category] += 1
+            decisions.append({"unit": str(unit), "category": step.category, "xi": step.xi,
+                              "p_values": {str(k): v for k, v in step.p_values.items()}})
+            if step.category == CRITICAL:
                 step.phase = CRITICAL_RANKED
                 critical.append(step)
             else:
                 cut.cut(unit)
-                sigma_of.commit(unit)
-                base = star  # sigma of the network with this unit removed: no extra pass
+                if replay is None:
+                    sigma_of.commit(unit)
+                    base = star  # sigma of the network with this unit removed: no extra pass
                 remaining -= 1
                 removed.append(step)
+            save()
+        save(force=True)
         log.info("%s: %d of %d units removed", layer.name, layer.channels - remaining, layer.channels)
 
     # least beneficial critical units first: xi closest to zero (stable for ties)
@@ -114,7 +151,7 @@ def progressive_prune(
             "seed": seed,
             "samples": int(len(base.values)),
             "categories": {k: categories.get(k, 0) for k in ("neutral", "detrimental", "critical", "untested")},
-            "forward_passes": sigma_of.passes,
+            "units_tested": sum(categories[k] for k in ("neutral", "detrimental", "critical")),
         },
     )
     plan.protected.update(protected)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .build import build_model, build_scorer, build_task, build_test, resolve_adapter
 from .config import RunConfig, dump_config, parse_config
-from .errors import CSwapError, DataError, ModelError
+from .errors import ConfigError, CSwapError, DataError, ModelError
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
 from .metrics import model_costs
 from .plan import PruningPlan
@@ -75,37 +75,93 @@ def self_check(model: nn.Module, pruned: nn.Module, graph: UnitGraph, plan: Prun
     return diff
 
 
-def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run C-SWAP as configured and write the run directory; returns its path."""
-    final = Path(run_dir) if run_dir else default_run_dir(cfg)
-    if final.exists() and any(final.iterdir()):
-        raise CSwapError(f"run directory {final} already exists and is not empty")
+STATE_FILE = "analysis_state.json"
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torch.distributed (or the only process): the one that writes files."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _resume_dirs(resume: str | Path) -> tuple[Path, Path]:
+    resume = Path(resume)
+    final = resume.with_name(resume.name[: -len(".partial")]) if resume.name.endswith(".partial") else resume
     partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    handler = logging.FileHandler(partial / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    if final.exists() and (final / "report.json").exists():
+        raise CSwapError(f"run {final} is already complete; nothing to resume")
+    if not (partial / "config.yaml").is_file():
+        raise CSwapError(f"no interrupted run at {partial} (expected {partial / 'config.yaml'})")
+    return final, partial
+
+
+def _check_same_config(cfg: RunConfig, partial: Path) -> None:
+    import difflib
+
+    stored, given = (partial / "config.yaml").read_text(), dump_config(cfg)
+    if stored != given:
+        diff = "".join(difflib.unified_diff(stored.splitlines(True), given.splitlines(True),
+                                            f"{partial}/config.yaml", "this config"))
+        raise ConfigError(f"the config differs from the run being resumed; refusing to mix them:\n{diff}")
+
+
+def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
+              resume: str | Path | None = None) -> Path:
+    """Run C-SWAP as configured and write the run directory; returns its path.
+
+    `resume` names an interrupted run (`<run>` or `<run>.partial`): its config must equal
+    `cfg`, its recorded decisions are replayed and the analysis continues where it stopped.
+    """
+    main = is_main_process()
+    state = None
+    if resume is not None:
+        final, partial = _resume_dirs(resume)
+        _check_same_config(cfg, partial)
+        state_path = partial / STATE_FILE
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"decisions": []}
+    else:
+        final = Path(run_dir) if run_dir else default_run_dir(cfg)
+        if final.exists() and any(final.iterdir()):
+            raise CSwapError(f"run directory {final} already exists and is not empty")
+        partial = final.with_name(final.name + ".partial")
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            write_text_atomic(partial / "config.yaml", dump_config(cfg))
+    handler = None
+    if main:
+        handler = logging.FileHandler(partial / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        if state is not None:
+            log.info("resuming %s: %d decisions recorded", partial, len(state["decisions"]))
     try:
-        write_text_atomic(partial / "config.yaml", dump_config(cfg))
-        report = _run(cfg, partial, progress)
-        write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
+        report = _run(cfg, partial if main else None, progress and main, state)
+        if main:
+            write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
     except BaseException:
         log.exception("run failed")
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
-    if final.exists():
-        final.rmdir()
-    os.replace(partial, final)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+    if main:
+        (partial / STATE_FILE).unlink(missing_ok=True)
+        if final.exists():
+            final.rmdir()
+        os.replace(partial, final)
     return final
 
 
-def _run(cfg: RunConfig, out: Path, progress: bool) -> dict:
+def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None = None) -> dict:
+    """The analysis on every rank; evaluation, replay, self-check and files only where
+    `out` is given (rank 0)."""
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
     model, note = build_model(cfg.model)
     log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
@@ -122,14 +178,23 @@ def _run(cfg: RunConfig, out: Path, progress: bool) -> dict:
     log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
 
     model = model.to(device)
-    before = {**task.evaluate(model, device), **model_costs(model, x.to(device), repeats=cfg.output.latency_repeats)}
+    costs = dict(repeats=cfg.output.latency_repeats, batch=cfg.output.latency_batch)
+    before = {**task.evaluate(model, device), **model_costs(model, x.to(device), **costs)} if out else {}
+
+    def checkpoint(state: dict) -> None:
+        write_text_atomic(out / STATE_FILE, json.dumps(state) + "\n")
+
     analysis_started = time.perf_counter()
     plan = progressive_prune(
         model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
         shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
         stages=adapter.stages, engine=cfg.pruning.engine,
+        checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
+        resume=resume,
     )
     analysis_seconds = time.perf_counter() - analysis_started
+    if out is None:
+        return {}
     plan.save(out / "plan.json")
 
     if cfg.pruning.flops_ratio is not None:
@@ -138,10 +203,11 @@ def _run(cfg: RunConfig, out: Path, progress: bool) -> dict:
         k = plan.prefix_for(cfg.pruning.params_ratio)
     pruned = plan.apply_prefix(model, k, adapter=adapter)
     diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
-    after = {**task.evaluate(pruned, device), **model_costs(pruned, x.to(device), repeats=cfg.output.latency_repeats)}
+    after = {**task.evaluate(pruned, device), **model_costs(pruned, x.to(device), **costs)}
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
     return {
         "model": f"{cfg.model.source}:{cfg.model.name}",
+        "metric": task.metric,
         "adapter": adapter_name,
         "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
         "steps_applied": k,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
+
+from adapters.cifar_resnet import cifar_resnet8
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -101,4 +104,26 @@ def npz_dataset(tmp_path):
     path = tmp_path / "tiny.npz"
     np.savez_compressed(path, manifold_images=imgs[perm[:60]], manifold_labels=labels[perm[:60]],
                         eval_images=imgs[perm[60:]], eval_labels=labels[perm[60:]])
+    return path
+
+
+@pytest.fixture()
+def config(tmp_path, npz_dataset):
+    """A YAML config for a tiny CIFAR ResNet-8 on the npz fixture; its checkpoint is model.pt."""
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pt"
+    torch.save(cifar_resnet8(width=4, in_channels=1, num_classes=3).state_dict(), weights)
+    cfg = {
+        "name": "tiny",
+        "seed": 1,
+        "model": {"source": "cswap", "name": "cifar_resnet8",
+                  "kwargs": {"width": 4, "in_channels": 1, "num_classes": 3}, "weights": str(weights)},
+        "task": {"name": "classification", "options": {
+            "dataset": "npz", "root": str(npz_dataset), "manifold_split": "manifold",
+            "eval_split": "eval", "samples_per_class": 12}},
+        "pruning": {"params_ratio": 0.3},
+        "output": {"dir": str(tmp_path / "runs"), "latency_repeats": 2},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
     return path

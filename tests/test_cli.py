@@ -17,27 +17,6 @@ from cswap.errors import ModelError
 from cswap.units import count_params
 
 
-@pytest.fixture()
-def config(tmp_path, npz_dataset):
-    torch.manual_seed(0)
-    weights = tmp_path / "model.pt"
-    torch.save(cifar_resnet8(width=4, in_channels=1, num_classes=3).state_dict(), weights)
-    cfg = {
-        "name": "tiny",
-        "seed": 1,
-        "model": {"source": "cswap", "name": "cifar_resnet8",
-                  "kwargs": {"width": 4, "in_channels": 1, "num_classes": 3}, "weights": str(weights)},
-        "task": {"name": "classification", "options": {
-            "dataset": "npz", "root": str(npz_dataset), "manifold_split": "manifold",
-            "eval_split": "eval", "samples_per_class": 12}},
-        "pruning": {"params_ratio": 0.3},
-        "output": {"dir": str(tmp_path / "runs"), "latency_repeats": 2},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 def run_cli(*args):
     return main([str(a) for a in args])
 

@@ -1,0 +1,141 @@
+"""Exact engines vs the naive reference: wall time, the MAC bound, identical plans.
+
+    python benchmarks/engine_speed.py                 # ResNet-20, M_k = 32 and 128, all layers
+    python benchmarks/engine_speed.py --quick         # M_k = 16 and 32, for a smoke test
+
+Runs C-SWAP three times per setting on a CIFAR-style ResNet-20 (1x28x28, Fashion-MNIST from
+Debian's dataset-fashion-mnist, briefly trained here, seeded): `full` (a whole forward pass
+per unit: the naive reference), `staged` (cached prefix, bitwise-equal scores) and `delta`
+(plus the first reader's rank-one update). It asserts that the staged plan is byte-identical
+to the naive one and that the delta plan makes the same decisions, prints the unavoidable MAC
+share (cswap/bound.py) beside the measured time ratios, and a scaling series. Results go to
+docs/results/engine_speed.json and are quoted in docs/results/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from adapters.cifar_resnet import CifarResNet  # noqa: E402
+from cswap import registry  # noqa: E402
+from cswap.bound import unavoidable_share  # noqa: E402
+from cswap.build import resolve_adapter  # noqa: E402
+from cswap.pruner import progressive_prune  # noqa: E402
+from tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split  # noqa: E402
+
+MEAN, STD = 0.2860, 0.3530
+
+
+def fashion(split: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_mnist_split(DEBIAN_FASHION_MNIST, split)
+    idx = np.random.default_rng(seed).permutation(len(labels))[:n]
+    x = (torch.from_numpy(images[idx]).float() / 255 - MEAN) / STD
+    return x[:, None].contiguous(), torch.from_numpy(labels[idx])
+
+
+def quick_train(width: int, steps: int, seed: int = 0) -> nn.Module:
+    """A few hundred SGD steps: enough for real structure (about 80% accuracy), seconds to run."""
+    torch.manual_seed(seed)
+    model = CifarResNet(depth=20, width=width, in_channels=1, num_classes=10)
+    x, y = fashion("train", 128 * steps, seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+    for i in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[i * 128:(i + 1) * 128]), y[i * 128:(i + 1) * 128]).backward()
+        opt.step()
+    return model.eval()
+
+
+def analysis(model, samples_per_class: int, engine: str, seed: int = 0):
+    _, adapter = resolve_adapter("auto", model)
+    x, y = fashion("train", 20000, seed + 1)
+    task = registry.create("tasks", "classification",
+                           {"dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train"},
+                           tensors={"train": (x, y)})
+    graph = adapter.units(model, x[:1])
+    manifold = task.manifold(seed)
+    scorer = registry.create("scorers", "class_probability")
+    test = registry.create("tests", "paired_t", {})
+    t0 = time.perf_counter()
+    plan = progressive_prune(model, graph, manifold, scorer, test, adapter="resnet", seed=seed,
+                             progress=False, stages=adapter.stages, engine=engine)
+    return plan, time.perf_counter() - t0, graph
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples-per-class", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--quick", action="store_true", help="M_k = 16, 32 and a short scaling series")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--out", type=Path, default=REPO / "docs/results/engine_speed.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    settings = [16, 32] if args.quick else args.samples_per_class
+    t0 = time.perf_counter()
+    model = quick_train(16, args.train_steps)
+    xt, yt = fashion("test", 2000, 5)
+    with torch.no_grad():
+        acc = (model(xt).argmax(1) == yt).float().mean().item()
+    print(f"ResNet-20 trained for {args.train_steps} steps in {time.perf_counter() - t0:.0f} s: test accuracy {acc:.3f}")
+    result = {"model": "CIFAR-style ResNet-20 (width 16), 1x28x28", "test_accuracy": acc,
+              "threads": args.threads, "torch": torch.__version__, "runs": [], "scaling": []}
+    _, adapter = resolve_adapter("auto", model)
+    result["bound"] = unavoidable_share(model, adapter.units(model, xt[:1]), xt[:1])
+    print("bound:", json.dumps(result["bound"]))
+
+    for mk in settings:
+        plans, times = {}, {}
+        for engine in ("full", "staged", "delta"):
+            plans[engine], times[engine], _ = analysis(model, mk, engine)
+            print(f"M_k={mk:4d} {engine:7s} {times[engine]:8.1f} s  {plans[engine].category_counts()}", flush=True)
+        identical = plans["staged"].to_json() == plans["full"].to_json()
+        same_decisions = [(s.unit, s.category) for s in plans["delta"].steps] == \
+                         [(s.unit, s.category) for s in plans["full"].steps]
+        assert identical, "staged engine changed the plan"
+        assert same_decisions, "delta engine changed a decision"
+        row = {"samples_per_class": mk, "seconds": times, "categories": plans["full"].category_counts(),
+               "staged_plan_identical": identical, "delta_same_decisions": same_decisions,
+               "speedup_staged": times["full"] / times["staged"], "speedup_delta": times["full"] / times["delta"],
+               "time_share_staged": times["staged"] / times["full"], "time_share_delta": times["delta"] / times["full"]}
+        row["staged_vs_bound"] = row["time_share_staged"] / result["bound"]["share_cached_prefix"]
+        row["delta_vs_bound"] = row["time_share_delta"] / result["bound"]["share_with_delta"]
+        result["runs"].append(row)
+        _save(args.out, result)  # after every setting: a long run is never lost
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}))
+
+    # scaling: staged time against the number of samples and against the number of units
+    for mk in ([8, 16, 32] if args.quick else [16, 32, 64]):
+        _, secs, graph = analysis(model, mk, "staged")
+        result["scaling"].append({"vary": "samples", "samples_per_class": mk, "units": graph.num_units, "seconds": secs})
+        _save(args.out, result)
+        print(f"scaling M_k={mk}: {secs:.1f} s", flush=True)
+    for width in ([8, 16] if args.quick else [8, 16, 24, 32]):
+        m = quick_train(width, 30)
+        _, secs, graph = analysis(m, 16, "staged")
+        result["scaling"].append({"vary": "units", "width": width, "samples_per_class": 16, "units": graph.num_units,
+                                  "seconds": secs, "macs": unavoidable_share(m, graph, xt[:1])["macs_full_forward"]})
+        print(f"scaling width={width}: {graph.num_units} units, {secs:.1f} s", flush=True)
+    result["total_seconds"] = time.perf_counter() - t0
+    _save(args.out, result)
+    print(f"wrote {args.out}")
+
+
+def _save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

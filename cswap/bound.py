@@ -1,0 +1,64 @@
+"""The work Algorithm 1 cannot avoid, in multiply-accumulates, per unit.
+
+For a unit, everything before its first reader C is unchanged by the cut (it can be cached),
+and everything from C to the output must be recomputed. C's own output can instead be
+updated by subtracting the cut channel's share (a rank-one update). The shares below are
+those costs divided by a full forward pass (what the naive algorithm pays per unit),
+averaged over all units; an engine's wall time divided by the naive time can be compared
+with them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .units import UnitGraph
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@torch.no_grad()
+def module_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
+    """MACs per sample of every conv/linear module, and their execution order."""
+    macs: dict[nn.Module, int] = {}
+    order: dict[nn.Module, int] = {}
+
+    def hook(module, args, out) -> None:
+        order.setdefault(module, len(order))
+        n = out.shape[0]
+        if isinstance(module, nn.Linear):
+            macs[module] = macs.get(module, 0) + out.numel() // n * module.in_features
+        else:
+            k = module.weight[0].numel()  # in_channels / groups * kernel size
+            macs[module] = macs.get(module, 0) + out.numel() // n * k
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED)]
+    try:
+        model.eval()(example_inputs[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs, order
+
+
+def unavoidable_share(model: nn.Module, graph: UnitGraph, example_inputs: torch.Tensor) -> dict[str, float]:
+    """Mean over units of (MACs from the first reader on) / (MACs of a full forward)."""
+    macs, order = module_macs(model, example_inputs)
+    total = sum(macs.values())
+    cached = delta = 0.0
+    units = 0
+    for layer in graph.layers:
+        readers = [model.get_submodule(p.rpartition(".")[0]) for p, _, _ in layer.reads]
+        first = min(readers, key=lambda m: order.get(m, 1 << 30))
+        suffix = sum(c for m, c in macs.items() if order[m] >= order[first])
+        in_width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[1]
+        share_of_first = macs[first] / in_width  # one input channel's share of C
+        cached += layer.channels * suffix
+        delta += layer.channels * (suffix - macs[first] + share_of_first)
+        units += layer.channels
+    return {
+        "macs_full_forward": total,
+        "units": units,
+        "share_cached_prefix": cached / (units * total),
+        "share_with_delta": delta / (units * total),
+    }

@@ -1,0 +1,223 @@
+"""Semantic segmentation on Cityscapes through mmsegmentation: the sample set S and mIoU.
+
+Data is read from a local Cityscapes root by mmseg's own `CityscapesDataset` and transforms
+(`leftImg8bit/<split>/<city>/*_leftImg8bit.png`, `gtFine/<split>/<city>/*_gtFine_labelTrainIds.png`,
+ignore label 255), so what the model sees is what mmseg feeds it. The pipeline is
+LoadImageFromFile, LoadAnnotations, Resize(`scale`, keep_ratio) on image *and* label map,
+PackSegInputs; the images are then normalised with the mmseg config's `data_preprocessor`
+(mean, std, BGR->RGB). At the default `scale` (2048, 1024) a Cityscapes frame keeps its
+native size, which is mmseg's evaluation protocol; a smaller `scale` is the reduced-resolution
+option (faster; the labels are resized with nearest neighbour and mIoU is measured at that
+resolution, so it is not comparable with published full-resolution numbers).
+
+mIoU is mmseg's `IoUMetric` over `eval_split` (reported as a fraction, like accuracy).
+
+Manifold rule (S, seeded, disjoint from evaluation because it is drawn from `manifold_split`):
+a class "appears" in an image when it has at least `min_pixels` pixels after resizing.
+The candidate images (all of the split, or a seeded subset of `max_candidates`) are put in a
+seeded random order; classes are visited from the rarest (fewest candidate images) to the
+most frequent, and for each class the next candidates containing it are added until it
+appears in `samples_per_class` (M_k) images of S. Every class present in the split thus
+appears in at least M_k images of S (frequent classes such as road in many more, since an
+image brings all its classes); a class present in fewer than M_k candidates is an error
+naming it, a class absent from every candidate is left out with a warning.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from cswap.errors import DataError
+from cswap.interfaces import Manifold, Task
+
+from . import mmcv_bridge
+from .mmseg_model import load_config
+
+log = logging.getLogger("cswap")
+
+DDRNET23S_CITYSCAPES = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
+
+
+class CityscapesSegmentationTask(Task):
+    default_scorer = "miou"
+    default_test = "paired_t"
+    metric = "mIoU"
+
+    class Options(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        root: Path = Field(description="Cityscapes root holding leftImg8bit/ and gtFine/")
+        config: str = Field(DDRNET23S_CITYSCAPES, description="mmseg config (path or shipped name) for normalisation")
+        manifold_split: str = "train"
+        eval_split: str = "val"
+        samples_per_class: int = Field(8, ge=2, description="M_k: images of S in which each class appears")
+        min_pixels: int = Field(1, ge=1, description="pixels a class needs in an image to count as present")
+        max_candidates: int | None = Field(None, ge=1, description="draw S from a seeded subset of this many images")
+        scale: tuple[int, int] | None = Field((2048, 1024), description="(width, height) for mmseg Resize with "
+                                                "keep_ratio; smaller is the reduced-resolution option; null keeps size")
+        eval_limit: int | None = Field(None, ge=1, description="evaluate on a seeded subset of this many images")
+        batch_size: int = Field(4, ge=1)
+
+    def __init__(self, options: "CityscapesSegmentationTask.Options", **_):
+        self.options = options
+        self._datasets: dict = {}
+        self._norm = None
+
+    # ---- data --------------------------------------------------------------------------
+    def dataset(self, split: str):
+        """mmseg's CityscapesDataset of `split` with the pipeline described above."""
+        if split not in self._datasets:
+            root = Path(self.options.root)
+            for sub in (f"leftImg8bit/{split}", f"gtFine/{split}"):
+                if not (root / sub).is_dir():
+                    raise DataError(f"Cityscapes folder {root / sub} does not exist (task option root={root})")
+            mmcv_bridge.install()
+            from mmengine.registry import init_default_scope
+            from mmseg.datasets import CityscapesDataset
+
+            init_default_scope("mmseg")
+            pipeline = [dict(type="LoadImageFromFile"), dict(type="LoadAnnotations")]
+            if self.options.scale is not None:
+                pipeline.append(dict(type="Resize", scale=tuple(self.options.scale), keep_ratio=True))
+            pipeline.append(dict(type="PackSegInputs"))
+            ds = CityscapesDataset(
+                data_root=str(root),
+                data_prefix=dict(img_path=f"leftImg8bit/{split}", seg_map_path=f"gtFine/{split}"),
+                pipeline=pipeline, test_mode=False, serialize_data=False,
+            )
+            if len(ds) == 0:
+                raise DataError(f"no *_leftImg8bit.png images with labelTrainIds maps under {root}/leftImg8bit/{split}")
+            self._datasets[split] = ds
+        return self._datasets[split]
+
+    def _normaliser(self):
+        """(mean, std, bgr_to_rgb) of the mmseg config's data_preprocessor."""
+        if self._norm is None:
+            cfg = load_config(self.options.config)
+            pre = cfg.get("data_preprocessor") or cfg.model.get("data_preprocessor") or {}
+            mean = torch.tensor(pre.get("mean", [123.675, 116.28, 103.53]), dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(pre.get("std", [58.395, 57.12, 57.375]), dtype=torch.float32).view(1, -1, 1, 1)
+            self._norm = (mean, std, bool(pre.get("bgr_to_rgb", True)))
+        return self._norm
+
+    def load(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (N, 3, H, W) float32 and label maps (N, H, W) int64."""
+        ds = self.dataset(split)
+        items = [ds[int(i)] for i in indices]
+        shapes = {tuple(it["inputs"].shape) for it in items}
+        if len(shapes) > 1:
+            raise DataError(f"images of split {split!r} differ in size {sorted(shapes)}; set task option scale")
+        images = torch.stack([it["inputs"] for it in items]).float()
+        mean, std, bgr_to_rgb = self._normaliser()
+        if bgr_to_rgb and images.shape[1] == 3:
+            images = images[:, [2, 1, 0]]
+        images = ((images - mean) / std).contiguous()
+        labels = torch.stack([it["data_samples"].gt_sem_seg.data[0] for it in items]).long()
+        return images, labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset(self.options.eval_split).metainfo["classes"])
+
+    # ---- Task interface ----------------------------------------------------------------
+    def manifold(self, seed: int) -> Manifold:
+        """S by the rule in the module docstring; batches of `batch_size` images."""
+        o = self.options
+        ds = self.dataset(o.manifold_split)
+        classes = list(ds.metainfo["classes"])
+        rng = np.random.default_rng(seed)
+        candidates = np.arange(len(ds))
+        if o.max_candidates is not None and o.max_candidates < len(ds):
+            candidates = np.sort(rng.choice(len(ds), o.max_candidates, replace=False))
+        present = np.stack([self._presence(ds, int(i), len(classes)) for i in candidates])
+        order = rng.permutation(len(candidates))
+        frequency = present.sum(0)
+        chosen: list[int] = []
+        taken = np.zeros(len(candidates), dtype=bool)
+        absent = [f"{k} ({classes[k]})" for k in range(len(classes)) if frequency[k] == 0]
+        if absent:
+            warnings.warn(f"classes {', '.join(absent)} appear in no image of split {o.manifold_split!r}; "
+                          "they have no group in S")
+        for k in sorted(np.flatnonzero(frequency), key=lambda c: (frequency[c], c)):
+            if frequency[k] < o.samples_per_class:
+                raise DataError(
+                    f"class {k} ({classes[k]}) appears in {frequency[k]} images of split {o.manifold_split!r}"
+                    f"{' (candidates)' if len(candidates) < len(ds) else ''}, fewer than "
+                    f"samples_per_class={o.samples_per_class}"
+                )
+            have = int(present[taken, k].sum())
+            for j in order:
+                if have >= o.samples_per_class:
+                    break
+                if not taken[j] and present[j, k]:
+                    taken[j] = True
+                    chosen.append(j)
+                    have += 1
+        picked = candidates[np.sort(np.asarray(chosen, dtype=np.int64))]
+        counts = {int(k): int(n) for k, n in enumerate(present[taken].sum(0)) if n > 0}
+        log.info("S: %d images; images per class %s", len(picked), counts)
+        batches = [self.load(o.manifold_split, picked[i:i + o.batch_size]) for i in range(0, len(picked), o.batch_size)]
+        return Manifold(batches, counts)
+
+    def _presence(self, ds, index: int, num_classes: int) -> np.ndarray:
+        label = ds[index]["data_samples"].gt_sem_seg.data[0].numpy().ravel()
+        label = label[label < num_classes]
+        return np.bincount(label, minlength=num_classes)[:num_classes] >= self.options.min_pixels
+
+    def _eval_indices(self) -> np.ndarray:
+        n = len(self.dataset(self.options.eval_split))
+        limit = self.options.eval_limit
+        if limit and limit < n:
+            return np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
+        return np.arange(n)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
+        """mmseg's IoUMetric on `eval_split` (mIoU, aAcc, mAcc as fractions)."""
+        from mmseg.evaluation import IoUMetric
+
+        ds, idx = self.dataset(self.options.eval_split), self._eval_indices()
+        metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255)
+        metric.dataset_meta = ds.metainfo
+        was_training = model.training
+        model.eval()
+        for i in range(0, len(idx), self.options.batch_size):
+            images, labels = self.load(self.options.eval_split, idx[i:i + self.options.batch_size])
+            pred = model(images.to(device)).argmax(1).cpu()
+            metric.process({}, [{"pred_sem_seg": {"data": p[None]}, "gt_sem_seg": {"data": t[None]}}
+                                for p, t in zip(pred, labels)])
+        model.train(was_training)
+        result = _quietly(metric.compute_metrics, metric.results)
+        return {"mIoU": float(result["mIoU"]) / 100, "aAcc": float(result["aAcc"]) / 100,
+                "mAcc": float(result["mAcc"]) / 100, "eval_samples": int(len(idx))}
+
+    def example_inputs(self) -> torch.Tensor:
+        """The first evaluation image; without data (e.g. `--dry-run` before the dataset is in
+        place) a zero image of size `scale`, which is a Cityscapes frame's size at that scale."""
+        try:
+            return self.load(self.options.eval_split, [0])[0]
+        except DataError:
+            if self.options.scale is None:
+                raise
+            width, height = self.options.scale
+            log.warning("no data under %s: example input is a zero image of %dx%d", self.options.root, width, height)
+            return torch.zeros(1, 3, height, width)
+
+
+def _quietly(fn, *args):
+    """Run `fn` with mmengine's logger at WARNING: IoUMetric logs a per-class table on every
+    call, and a pruning curve evaluates dozens of times."""
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        return fn(*args)
+    finally:
+        logger.setLevel(level)
