@@ -19,3 +19,7 @@ class ModelError(CSwapError):
 
 class NumericalError(CSwapError):
     """Scores became NaN or infinite, so no statistical decision is meaningful."""
+
+
+class ResourceError(CSwapError):
+    """The device cannot hold even the smallest batch the analysis needs."""

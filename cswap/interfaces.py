@@ -118,6 +118,13 @@ class Manifold:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.batches)
 
+    def rebatched(self, batch_size: int) -> "Manifold":
+        """The same samples in the same order, in batches of at most `batch_size`."""
+        inputs = torch.cat([x for x, _ in self.batches])
+        targets = torch.cat([y for _, y in self.batches])
+        batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        return Manifold(batches, dict(self.class_counts))
+
 
 class Task(ABC):
     """What the model is for: the sample set S, the evaluation metric, the default sigma.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,12 +129,15 @@ class PruningPlan:
         for k, removed in enumerate(self.cumulative_params_removed()):
             if removed >= goal - 1e-9:
                 return k
-        reachable = self.cumulative_params_removed()[-1] / max(self.params_total, 1)
-        warnings.warn(
-            f"params_ratio {params_ratio:.3f} is beyond what this plan can remove "
-            f"({reachable:.3f}); replaying all {len(self.steps)} steps"
-        )
+        msg = (f"params_ratio {params_ratio:.3f} is beyond what this plan can remove "
+               f"({self.reachable_ratio():.3f}); replaying all {len(self.steps)} steps")
+        logging.getLogger("cswap").warning(msg)
+        warnings.warn(msg)
         return len(self.steps)
+
+    def reachable_ratio(self) -> float:
+        """The largest share of parameters this plan can remove."""
+        return self.cumulative_params_removed()[-1] / max(self.params_total, 1)
 
     def units(self, k: int | None = None) -> list[Unit]:
         return [s.unit for s in self.steps[: len(self.steps) if k is None else k]]

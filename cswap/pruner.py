@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import warnings
 from collections import Counter
 from typing import Callable, Sequence
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .causal import CRITICAL
 from .engine import FullForward, make_engine
+from .errors import ResourceError
 from .interfaces import Manifold, Scores, ScoringFunction, SignificanceTest
 from .plan import CRITICAL_RANKED, PROGRESSIVE, PlanStep, PruningPlan
 from .units import Intervention, UnitGraph
@@ -47,7 +49,34 @@ class ScoreEvaluator:
         return self._engine.baseline()
 
 
-def progressive_prune(
+def progressive_prune(model: nn.Module, graph: UnitGraph, manifold: Manifold, scorer: ScoringFunction,
+                      test: SignificanceTest, **kwargs) -> PruningPlan:
+    """Algorithm 1 (see `_progressive`), restarted with half the batch size when the device
+    runs out of memory: the decisions made so far are replayed, not recomputed."""
+    user_checkpoint = kwargs.pop("checkpoint", None)
+    state = {"decisions": list((kwargs.pop("resume", None) or {}).get("decisions", []))}
+
+    def keep(s: dict) -> None:
+        state["decisions"] = list(s["decisions"])
+        if user_checkpoint:
+            user_checkpoint(s)
+
+    while True:
+        try:
+            return _progressive(model, graph, manifold, scorer, test, checkpoint=keep, resume=state, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            size = max(len(t) for _, t in manifold)
+            if size <= 1:
+                raise ResourceError(f"out of memory even with one sample per batch: {exc}") from exc
+            manifold = manifold.rebatched((size + 1) // 2)
+            msg = f"out of memory with batches of {size} samples; retrying with {(size + 1) // 2}"
+            log.warning(msg)
+            warnings.warn(msg)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def _progressive(
     model: nn.Module,
     graph: UnitGraph,
     manifold: Manifold,
