@@ -1,0 +1,1 @@
+"""Example C-SWAP plugins: see README.md in the package folder."""
