@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ EXAMPLE = REPO / "examples" / "cswap-plugin-example"
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "example"
+    shutil.copytree(EXAMPLE, source)  # building writes egg-info next to the sources: not in the repo
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(EXAMPLE)], check=True, capture_output=True, text=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True, text=True)
     return target
 
 
