@@ -65,6 +65,17 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 stride-1 conv, no max-pool), the
+    variant most CIFAR-10 ResNet-18 checkpoints use (11.2M parameters, as in the paper)."""
+    from torchvision.models import resnet18
+
+    model = resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
 def cifar_resnet8(**kwargs) -> CifarResNet:
     return CifarResNet(depth=8, **kwargs)
 

@@ -100,6 +100,9 @@ class ArchitectureAdapter(ABC):
     def after_pruning(self, model: nn.Module) -> None:
         """Fix attributes that physical removal leaves stale (default: nothing)."""
 
+    # Optional: `remove(self, model, units) -> None`. Define it when the adapter's units are not
+    # torch-pruning groups (ViT heads); `PruningPlan.apply` then calls it instead of torch-pruning.
+
     def stages(self, model: nn.Module) -> Sequence[nn.Module] | None:
         """Modules whose sequential application equals `model.forward`, or None if unknown."""
         return None

@@ -143,8 +143,8 @@ class PruningPlan:
         return [s.unit for s in self.steps[: len(self.steps) if k is None else k]]
 
     # ---- replay ---------------------------------------------------------------------
-    def example_inputs(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return torch.zeros((1, *self.input_shape), device=device)
+    def example_inputs(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros((1, *self.input_shape), device=device, dtype=dtype)
 
     def apply(
         self,
@@ -177,8 +177,8 @@ class PruningPlan:
         if remove is not None:
             remove(pruned, self.units(k))
         else:
-            device = next(pruned.parameters()).device
-            prune_units(pruned, self.example_inputs(device), self.units(k))
+            p = next(pruned.parameters())
+            prune_units(pruned, self.example_inputs(p.device, p.dtype), self.units(k))
         adapter.after_pruning(pruned)
         return pruned
 

@@ -103,8 +103,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp
         where = f" in module {culprit!r}" if culprit else ""
         raise ModelError(
             f"torch-pruning could not trace the model{where}: {type(exc).__name__}: {exc}. "
-            "Hint: exclude that module from pruning (adapter option ignored_layers) or use an "
-            "adapter written for this architecture."
+            "Hint: tracing covers the whole forward, so ignored_layers cannot skip this; use an "
+            "adapter written for this architecture (see docs/architectures.md)."
         ) from exc
 
 
@@ -372,8 +372,14 @@ def prune_units(model: nn.Module, example_inputs: torch.Tensor, units: Iterable[
     for name, channels in by_layer.items():
         module = model.get_submodule(name)
         pruner = dg.get_pruner_of_module(module)
-        group = dg.get_pruning_group(module, pruner.prune_out_channels, sorted(set(channels)))
-        group.prune()
+        try:
+            group = dg.get_pruning_group(module, pruner.prune_out_channels, sorted(set(channels)))
+            group.prune()
+        except Exception as exc:  # torch-pruning raises assorted errors on layers it cannot cut
+            raise ModelError(
+                f"torch-pruning could not remove channels of layer {name!r}: {type(exc).__name__}: {exc}. "
+                "Hint: leave that layer out (adapter option ignored_layers)."
+            ) from exc
     model.train(was_training)
     return model
 

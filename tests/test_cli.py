@@ -5,16 +5,13 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-import yaml
 
 import cswap
 from adapters.cifar_resnet import cifar_resnet8
 from cswap.cli import main
 from cswap.errors import ModelError
-from cswap.units import count_params
 
 
 def run_cli(*args):
