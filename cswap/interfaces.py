@@ -122,7 +122,8 @@ class Manifold:
         return iter(self.batches)
 
     def rebatched(self, batch_size: int) -> "Manifold":
-        """The same samples in the same order, in batches of at most `batch_size`."""
+        """The same samples in the same order, in batches of at most `batch_size` (targets must
+        be tensors that concatenate along the first dimension)."""
         inputs = torch.cat([x for x, _ in self.batches])
         targets = torch.cat([y for _, y in self.batches])
         batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]

@@ -67,14 +67,14 @@ class ClassificationTask(Task):
         mean: list[float] | None = None
         std: list[float] | None = None
         image_size: int | None = Field(None, description="ImageFolder: resize and centre-crop to this size")
+        input_shape: list[int] | None = Field(
+            None, description="(C, H, W) of one input; lets --dry-run trace the model without reading data")
 
     def __init__(self, options: "ClassificationTask.Options", tensors: dict | None = None, **_):
         self.options = options
         self._tensors = tensors or {}
         if options.dataset != "tensors" and options.root is None:
             raise DataError(f"task option root is required for dataset {options.dataset!r}")
-        if options.root is not None and not Path(options.root).exists():
-            raise DataError(f"dataset root {options.root} does not exist")
         self._splits: dict[str, _Split] = {}
 
     # ---- data sources -------------------------------------------------------------
@@ -91,6 +91,8 @@ class ClassificationTask(Task):
 
     def _open(self, name: str) -> _Split:
         o, (mean, std) = self.options, self._stats()
+        if o.root is not None and not Path(o.root).exists():
+            raise DataError(f"dataset root {o.root} does not exist (task.options.root)")
         if o.dataset == "tensors":
             if name not in self._tensors:
                 raise DataError(f"no in-memory split {name!r}; given: {sorted(self._tensors)}")
@@ -187,5 +189,7 @@ class ClassificationTask(Task):
         return {"accuracy": correct / max(len(idx), 1), "eval_samples": int(len(idx))}
 
     def example_inputs(self) -> torch.Tensor:
+        if self.options.input_shape:
+            return torch.zeros(1, *self.options.input_shape)
         split = self.split(self.options.eval_split)
         return split.load(np.arange(1))

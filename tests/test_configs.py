@@ -73,3 +73,12 @@ def test_dry_run(name, request):
     assert "random initialisation: weight file" in text
     assert f"adapter    {PAPER[name][0]}" in text
     assert "would run  one forward pass over S per unit" in text
+
+
+def test_dry_run_needs_neither_weights_nor_data(capsys):
+    from cswap.cli import main
+
+    assert main(["prune", str(CONFIGS / "resnet18_cifar10.yaml"), "--dry-run", "--set", "device=cpu",
+                 "--set", "task.options.root=/nonexistent/cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "is absent" in out and "example input (1, 3, 32, 32)" in out and "2880 in 12 layers" in out
