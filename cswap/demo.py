@@ -16,6 +16,7 @@ def demo_config(samples_per_class: int = 32, output_dir: str | Path = "runs") ->
     return parse_config({
         "name": "demo",
         "seed": 0,
+        "threads": 1,  # a 78k-parameter model: one thread is as fast and gives stable latencies
         "model": {
             "source": "cswap",
             "name": "cifar_resnet8",
