@@ -32,6 +32,7 @@ from adapters.cifar_resnet import (
     cifar_resnet20,
     cifar_resnet32,
 )
+from adapters.small_mobilenet import fmnist_mobilenetv2
 from tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split
 
 # Name -> builder(width=..., num_classes=..., in_channels=...). Add new model families here.
@@ -40,6 +41,7 @@ ARCHS = {
     "cifar_resnet14": cifar_resnet14,
     "cifar_resnet20": cifar_resnet20,
     "cifar_resnet32": cifar_resnet32,
+    "fmnist_mobilenetv2": fmnist_mobilenetv2,  # width = stem channels (16 -> width_mult 1)
 }
 
 # Fashion-MNIST train-split pixel statistics (on the [0, 1] scale).
@@ -92,6 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None,
                    help="train on the first N images of a seeded shuffle of the train split")
     p.add_argument("--out", type=Path, required=True, help="path of the .pt state_dict")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args(argv)
     for name in ("width", "epochs", "batch_size", "train_limit"):
         value = getattr(args, name)
@@ -102,6 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     rng = np.random.default_rng(args.seed)

@@ -43,7 +43,7 @@ def test_categories_follow_definition_2():
     hurt = sigma * 0.7 + noise  # significant, xi < 0
     helped = np.minimum(sigma * 1.2 + noise, 1.0)  # significant, xi > 0
     nothing = sigma + rng.normal(0, 1e-3, sigma.size) * (rng.random(sigma.size) < 0.1)
-    d = make().decide(sigma, np.stack([hurt, helped, nothing]), groups)
+    d = make(effect="relative").decide(sigma, np.stack([hurt, helped, nothing]), groups)
     assert [x.category for x in d] == ["critical", "detrimental", "neutral"]
     assert d[0].xi == pytest.approx(np.mean((hurt - sigma) / sigma))
     assert d[0].xi < 0 < d[1].xi
@@ -80,8 +80,10 @@ def test_per_class_sign_verdict_keeps_units_that_hurt_a_class():
     sigma[low] = 0.01  # a class the model gets badly wrong...
     star[low] = 0.05 + rng.normal(0, 0.005, low.sum())  # ...improves a lot in relative terms
     star[groups == 1] = sigma[groups == 1] * 0.8 + rng.normal(0, 0.01, (groups == 1).sum())  # hurt
-    paper = make().decide(sigma, star[None], groups)[0]
-    per_class = make(verdict="per_class_sign").decide(sigma, star[None], groups)[0]
+    paper = make(effect="relative").decide(sigma, star[None], groups)[0]
+    per_class = make(effect="relative", verdict="per_class_sign").decide(sigma, star[None], groups)[0]
+    absolute = make(effect="absolute").decide(sigma, star[None], groups)[0]
+    assert absolute.xi < 0 and absolute.category == "critical"
     assert paper.xi > 0 and paper.category == "detrimental"
     assert per_class.category == "critical"
 
