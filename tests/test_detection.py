@@ -120,7 +120,7 @@ def test_scorer_rejects_wrong_shapes():
 def test_dense_detector_postprocess_equals_torchvision(one_thread):
     torch.manual_seed(0)
     model = prepare(_lively(tiny_retinanet(in_channels=1)), torch.rand(4, 1, 64, 64))
-    model.score_thresh = 0.2
+    model.score_thresh = 0.05  # low enough that some anchors pass whatever the thread count
     x = torch.rand(3, 1, 64, 64)
     ours = model.detect(x)
     with torch.no_grad():
