@@ -10,13 +10,13 @@ import torch
 import yaml
 from torch import nn
 
+from adapters.cifar_resnet import cifar_resnet8
+
 # The test models are tiny: one thread is as fast as two and does not fight other processes
 # (on a loaded 2-core machine two threads per process were measured 10-40x slower).
 # Subprocesses started by tests (the CLI, torchrun) inherit the variable.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
-
-from adapters.cifar_resnet import cifar_resnet8
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -135,3 +135,13 @@ def config(tmp_path, npz_dataset):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test, whatever a previous test set (DDRNet and detectors are
+    hundreds of tiny ops: on 2 shared cores one thread is several times faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

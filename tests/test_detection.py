@@ -19,13 +19,6 @@ from tasks.detection_model import tiny_retinanet, train_detector
 from tasks.detection_scenes import write_npz
 
 
-@pytest.fixture()
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _lively(model):
     """Random head weights at O(1) gain (torchvision starts the towers at std 0.01 and the

@@ -89,14 +89,6 @@ def mmseg():
     return pytest.importorskip("mmseg", reason="the segmentation extra is not installed: pip install -e '.[seg]'")
 
 
-@pytest.fixture()
-def one_thread():
-    """DDRNet is hundreds of tiny ops; on 2 shared cores one thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _ddrnet(options=None):
     from tasks.mmseg_model import build_mmseg_model
