@@ -118,8 +118,7 @@ class Staged(FullForward):
             first = min(readers, key=lambda r: (owner[r[0]], order.get(r[0], 1 << 30)))
             self.first_stage[layer.name] = owner[first[0]]
             self.first_reader[layer.name] = (first[0], first[1], first[3])
-        self._originals = {p: params[p].detach().clone() for _, p, _ in
-                           (v for v in self.first_reader.values())} if delta else {}
+        self._originals = {p: params[p].detach().clone() for _, p, _ in self.first_reader.values()} if delta else {}
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage
         self.outputs: list[dict[nn.Module, torch.Tensor]] = []  # per batch: cached module outputs
         self._pending = None
@@ -161,7 +160,7 @@ class Staged(FullForward):
             patched = []
             try:
                 for m, make in (replace or {}).items():
-                    m.forward = _fixed_output(m, make, b)  # instance attribute shadows the method
+                    m.forward = _fixed_output(make, b)  # instance attribute shadows the method
                     patched.append(m)
                 stage_inputs = []
                 for i in range(start, len(self.stages)):
@@ -190,7 +189,7 @@ class Staged(FullForward):
         reader, pname, idx_lists = self.first_reader[unit.layer]
         reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
         replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
-        if self.delta and idx_lists is not None and self._delta_ok(reader):
+        if self.delta and self._delta_ok(reader):
             idx = torch.as_tensor(idx_lists[unit.channel], device=self.probe.device)
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
         outputs, inputs, module_outputs = self._run(start, replace)
@@ -202,17 +201,12 @@ class Staged(FullForward):
         return reader in mods and mods.index(m) < mods.index(reader)
 
     def _delta_ok(self, reader: nn.Module) -> bool:
-        if reader not in self.stage_modules[self.first_stage_of(reader)]:
+        """The rank-one update needs C's cached output and a plain conv or linear layer."""
+        if reader not in self.cacheable:
             return False
         if isinstance(reader, nn.Conv2d):
             return reader.groups == 1 and reader.padding_mode == "zeros"
         return isinstance(reader, nn.Linear)
-
-    def first_stage_of(self, module: nn.Module) -> int:
-        for i, mods in enumerate(self.stage_modules):
-            if module in mods:
-                return i
-        return -1
 
     def commit(self, unit: Unit) -> None:
         if self._pending is None or self._pending[0] != unit:
@@ -241,7 +235,7 @@ class _DeltaOutput:
         return cached - share
 
 
-def _fixed_output(module: nn.Module, make, b: int):
+def _fixed_output(make, b: int):
     if isinstance(make, _DeltaOutput):
         return lambda x: make(b, x)
     return lambda *args, **kwargs: make(b).clone()  # a clone: in-place ops after it must not touch the cache

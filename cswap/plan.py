@@ -167,8 +167,11 @@ class PruningPlan:
                 f"the plan was made for a model with {self.params_total} parameters, "
                 f"this one has {count_params(model)}"
             )
-        k = self._flops_prefix(model, flops_ratio) if flops_ratio is not None else self.prefix_for(params_ratio)
-        return self.apply_prefix(model, k, adapter=adapter, inplace=inplace)
+        return self.apply_prefix(model, self.prefix(model, params_ratio, flops_ratio), adapter=adapter, inplace=inplace)
+
+    def prefix(self, model: nn.Module, params_ratio: float | None = None, flops_ratio: float | None = None) -> int:
+        """Steps to replay for a parameter or a MAC target (none: the non-critical steps)."""
+        return self._flops_prefix(model, flops_ratio) if flops_ratio is not None else self.prefix_for(params_ratio)
 
     def apply_prefix(self, model: nn.Module, k: int, *, adapter=None, inplace: bool = False) -> nn.Module:
         pruned = model if inplace else copy.deepcopy(model)

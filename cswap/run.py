@@ -197,10 +197,7 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
         return {}
     plan.save(out / "plan.json")
 
-    if cfg.pruning.flops_ratio is not None:
-        k = plan._flops_prefix(model, cfg.pruning.flops_ratio)
-    else:
-        k = plan.prefix_for(cfg.pruning.params_ratio)
+    k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
     pruned = plan.apply_prefix(model, k, adapter=adapter)
     diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
     after = {**task.evaluate(pruned, device), **model_costs(pruned, x.to(device), **costs)}
