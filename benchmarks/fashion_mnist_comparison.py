@@ -5,8 +5,8 @@ One command runs everything (issue 3, items 5 and 6) and writes `docs/results/`:
     python benchmarks/fashion_mnist_comparison.py            # full run, both architectures
     python benchmarks/fashion_mnist_comparison.py --smoke    # tiny settings, to /tmp, minutes
 
-Parts, per architecture (each resumable: a part, and inside it each criterion or setting, is
-skipped when its result file exists, unless --force):
+Parts, per architecture (resumable: each criterion or setting is cached under --work and
+skipped when cached, unless --force; the part's tables are rebuilt from the caches every time):
   train        the checkpoint, if absent (seeded; the command is in the configs and sidecars)
   table3       `cswap.curves.run_curves` for every criterion and seed: SAUCE mean +- std (Table 3)
   fig6         `cswap.sweep.run_sweep` over alpha x voting (Fig. 6)
@@ -141,9 +141,6 @@ def part_table3(arch: str, args, out: Path, work: Path, timings: Timings) -> Non
     from cswap.curves import CurveResult, parse_criteria, parse_ratios, run_curves, setup_from_config, write_curve_outputs
 
     dest = out / "table3"
-    if (dest / "curve.json").exists() and not args.force:
-        say(f"{arch}: table3 done ({dest}), skipping")
-        return
     cfg = arch_config(arch, args)
     specs = parse_criteria(args.criteria, json.loads(args.criterion_options))
     seeds = [cfg.seed + i for i in range(args.seeds)]
@@ -209,9 +206,6 @@ def part_fig6(arch: str, args, out: Path, work: Path, timings: Timings) -> None:
     from cswap.sweep import settings, write_sweep_outputs
 
     dest = out / "fig6"
-    if (dest / "sweep.json").exists() and not args.force:
-        say(f"{arch}: fig6 done, skipping")
-        return
     cfg = arch_config(arch, args)
     grid = settings([float(a) for a in args.alphas.split(",")], args.votings.split(","), [args.samples_per_class])
     jobs = [(f"alpha{g.alpha:g}-{g.voting}-M{g.samples_per_class}", cfg, g, args.sweep_seeds) for g in grid]
@@ -223,9 +217,6 @@ def part_samples(arch: str, args, out: Path, work: Path, timings: Timings) -> No
     from cswap.sweep import settings, write_sweep_outputs
 
     dest = out / "samples"
-    if (dest / "sweep.json").exists() and not args.force:
-        say(f"{arch}: samples done, skipping")
-        return
     cfg = arch_config(arch, args)
     grid = settings([0.05], ["per_class"], [int(m) for m in args.mk.split(",")])
     jobs = [(f"M{g.samples_per_class}", cfg, g, args.sweep_seeds) for g in grid]
@@ -237,9 +228,6 @@ def part_definition1(arch: str, args, out: Path, work: Path, timings: Timings) -
     from cswap.sweep import Setting
 
     dest = out / "definition1"
-    if (dest / "definition1.json").exists() and not args.force:
-        say(f"{arch}: definition1 done, skipping")
-        return
     base = arch_config(arch, args)
     setting = Setting(0.05, "per_class", args.samples_per_class)
     jobs = [(f"{e}-{v}", with_test_options(base, effect=e, verdict=v), setting, args.def1_seeds)
@@ -413,7 +401,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny settings, output to /tmp/cswap_fmnist_smoke")
     p.add_argument("--out", type=Path, help="results folder (default docs/results/fashion_mnist)")
     p.add_argument("--work", type=Path, help="plans and caches (default runs/fashion_mnist_benchmark)")
-    p.add_argument("--force", action="store_true", help="recompute parts whose results exist")
+    p.add_argument("--force", action="store_true", help="recompute cells that are cached under --work")
     p.add_argument("--force-train", action="store_true", help="retrain even if the checkpoint exists")
     p.add_argument("--workers", type=int, default=4,
                    help="parallel processes: 2 = one per architecture, 4 = also table3 apart from the sweeps; 1 = serial")
