@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from cswap.causal import CRITICAL
 from cswap.errors import ModelError
+from cswap.fast import FastOptions
 from cswap.interfaces import Criterion, Task
 from cswap.plan import PROGRESSIVE, RANKED, PlanStep, PruningPlan
 from cswap.pruner import ScoreEvaluator, progressive_prune
@@ -61,6 +62,7 @@ class CSwapCriterion(_CausalContext, Criterion):
         model_config = ConfigDict(extra="forbid")
         shuffle_units: bool = True
         engine: str = Field("auto", description="progressive_prune's engine (staged when the adapter has stages)")
+        fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts of cswap.fast")
         test: dict = Field(default_factory=dict, description="options of the task's significance test")
 
     def plan(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> PruningPlan:
@@ -69,7 +71,7 @@ class CSwapCriterion(_CausalContext, Criterion):
         return progressive_prune(
             model, units, task.manifold(seed), scorer, test, adapter=self.adapter, seed=seed,
             shuffle_units=self.options.shuffle_units, device=self.device, progress=self.progress,
-            stages=stages, engine=self.options.engine)
+            stages=stages, engine=self.options.engine, fast=self.options.fast)
 
 
 class CBPCriterion(_CausalContext, RankingCriterion):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import registry
 from .errors import ConfigError
+from .fast import FastOptions
 
 
 class _Strict(BaseModel):
@@ -41,6 +42,7 @@ class PruningConfig(_Strict):
         "auto", description="staged: re-run only what a cut changes (bitwise the same scores); delta: "
         "also update the first reader by the cut's rank-one share (round-off differences); full: "
         "whole forward per unit")
+    fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/fast.py); the plan may differ")
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -12,7 +12,7 @@ refuses and the pruner falls back to full forwards).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from .interfaces import Manifold, Scores, ScoringFunction
 from .units import Unit, UnitGraph
 
 log = logging.getLogger("cswap")
+
+Stop = Callable[[Scores], bool]  # decides from the scores of the first batches whether a trial may end
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -46,7 +48,8 @@ class FullForward:
         self.batches = [(x.to(device), y.to(device) if torch.is_tensor(y) else y)
                         for x, y in (batches[i] for i in self.batch_ids)]
         self.probe = batches[0][0].to(device) if batches else None  # a batch every rank has
-        self.passes = 0  # forward passes over S (full or partial)
+        self.passes = 0  # baselines and trials: passes over S, however deep or short
+        self.batch_runs = 0  # batches forwarded; batch_runs / len(batches) counts short trials as fractions
 
     def _scores(self, outputs: list, targets: list) -> Scores:
         parts = []
@@ -57,7 +60,6 @@ class FullForward:
             gathered: list = [None] * self.world
             torch.distributed.all_gather_object(gathered, parts)
             parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
-        self.passes += 1
         scores = Scores(np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts]))
         if not np.isfinite(scores.values).all():
             raise NumericalError(
@@ -66,16 +68,41 @@ class FullForward:
             )
         return scores
 
+    @property
+    def targets(self) -> list:
+        return [y for _, y in self.batches]
+
     @torch.no_grad()
     def baseline(self) -> Scores:
-        return self._scores([self.model(x) for x, _ in self.batches], [y for _, y in self.batches])
+        self.passes += 1
+        self.batch_runs += len(self.batches)
+        return self._scores([self.model(x) for x, _ in self.batches], self.targets)
 
-    def trial(self, unit: Unit) -> Scores:
-        """Scores with `unit` cut (the caller has cut it in the model's weights)."""
-        return self.baseline()
+    @torch.no_grad()
+    def trial(self, units: Unit | Sequence[Unit], stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
+        """Scores with `units` (of one layer) cut; the caller has cut them in the weights.
 
-    def commit(self, unit: Unit) -> None:
-        """`unit` stays cut from now on."""
+        With `stop`, after the first n batches for every n in `marks`, `stop(scores of those
+        batches)` may end the trial early: the scores returned are then shorter than S, and
+        such a trial cannot be committed.
+        """
+        self.passes += 1
+        outputs = []
+        for b, (x, _) in enumerate(self.batches):
+            outputs.append(self.model(x))
+            self.batch_runs += 1
+            if stop is not None and b + 1 in marks:
+                partial = self._scores(outputs, self.targets)
+                if stop(partial):
+                    return partial
+        return self._scores(outputs, self.targets)
+
+    def commit(self, units: Unit | Sequence[Unit]) -> None:
+        """`units` (those of the last trial) stay cut from now on."""
+
+
+def _as_list(units: Unit | Sequence[Unit]) -> list[Unit]:
+    return [units] if isinstance(units, Unit) else list(units)
 
 
 class Staged(FullForward):
@@ -148,9 +175,11 @@ class Staged(FullForward):
         return torch.equal(h, self.model(self.probe))
 
     @torch.no_grad()
-    def _run(self, start: int, replace: dict[nn.Module, object] | None = None):
+    def _run(self, start: int, replace: dict[nn.Module, object] | None = None,
+             stop: Stop | None = None, marks: Sequence[int] = ()):
         """Run stages start.. for every batch; in stage `start`, modules in `replace(b)` return
-        the given output. Returns outputs, new stage inputs, new module outputs (from start)."""
+        the given output. Returns outputs, new stage inputs, new module outputs (from start);
+        with `stop` (see `FullForward.trial`) possibly for the first batches only."""
         outputs, inputs, module_outputs = [], [], []
         for b, (x, _) in enumerate(self.batches):
             h = x if start == 0 else self.inputs[b][start]
@@ -178,23 +207,33 @@ class Staged(FullForward):
             outputs.append(h)
             inputs.append(stage_inputs)
             module_outputs.append(seen)
+            self.batch_runs += 1
+            if stop is not None and b + 1 in marks and stop(self._scores(outputs, self.targets)):
+                break
         return outputs, inputs, module_outputs
 
     def baseline(self) -> Scores:
+        self.passes += 1
         outputs, self.inputs, self.outputs = self._run(0)
-        return self._scores(outputs, [y for _, y in self.batches])
+        return self._scores(outputs, self.targets)
 
-    def trial(self, unit: Unit) -> Scores:
-        start = self.first_stage[unit.layer]
-        reader, pname, idx_lists = self.first_reader[unit.layer]
+    def trial(self, units: Unit | Sequence[Unit], stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
+        units = _as_list(units)
+        layer = units[0].layer
+        if any(u.layer != layer for u in units):
+            raise ValueError("a joint trial takes units of one layer")
+        self.passes += 1
+        start = self.first_stage[layer]
+        reader, pname, idx_lists = self.first_reader[layer]
         reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
         replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
         if self.delta and self._delta_ok(reader):
-            idx = torch.as_tensor(idx_lists[unit.channel], device=self.probe.device)
+            idx = torch.as_tensor([i for u in units for i in idx_lists[u.channel]], device=self.probe.device)
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
-        outputs, inputs, module_outputs = self._run(start, replace)
-        self._pending = (unit, start, inputs, module_outputs)
-        return self._scores(outputs, [y for _, y in self.batches])
+        outputs, inputs, module_outputs = self._run(start, replace, stop, marks)
+        complete = len(outputs) == len(self.batches)
+        self._pending = (units, start, inputs, module_outputs) if complete else None
+        return self._scores(outputs, self.targets)
 
     def _runs_before(self, m: nn.Module, reader: nn.Module, stage: int) -> bool:
         mods = self.stage_modules[stage]
@@ -208,9 +247,9 @@ class Staged(FullForward):
             return reader.groups == 1 and reader.padding_mode == "zeros"
         return isinstance(reader, nn.Linear)
 
-    def commit(self, unit: Unit) -> None:
-        if self._pending is None or self._pending[0] != unit:
-            raise RuntimeError(f"commit({unit}) without its trial")
+    def commit(self, units: Unit | Sequence[Unit]) -> None:
+        if self._pending is None or self._pending[0] != _as_list(units):
+            raise RuntimeError(f"commit({units}) without its complete trial")
         _, start, inputs, module_outputs = self._pending
         for b in range(len(self.batches)):
             self.inputs[b][start + 1:] = inputs[b][1:]

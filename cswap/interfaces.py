@@ -47,6 +47,11 @@ class ScoringFunction(ABC):
     def score(self, outputs, targets) -> Scores:
         """Observations for one batch of model outputs and their targets."""
 
+    def differentiable(self, outputs, targets) -> torch.Tensor:
+        """sigma of every sample as a tensor that gradients flow through (optional; used by
+        the fast mode's Taylor screening). One value per sample, not per observation."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable form; Taylor screening needs one")
+
 
 @dataclass
 class Decision:

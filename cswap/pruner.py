@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,12 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .causal import CRITICAL
+from .causal import CRITICAL, NEUTRAL
 from .engine import FullForward, make_engine
-from .errors import ResourceError
-from .interfaces import Manifold, Scores, ScoringFunction, SignificanceTest
+from .errors import ConfigError, ResourceError
+from .fast import FastOptions, GroupSizer, clearly_critical, interim_test, stratified, taylor_estimates
+from .interfaces import Decision, Manifold, Scores, ScoringFunction, SignificanceTest
 from .plan import CRITICAL_RANKED, PROGRESSIVE, PlanStep, PruningPlan
-from .units import Intervention, UnitGraph
+from .units import Intervention, Unit, UnitGraph
 
 log = logging.getLogger("cswap")
 
@@ -93,6 +94,7 @@ def _progressive(
     checkpoint: Callable[[dict], None] | None = None,
     checkpoint_seconds: float = 2.0,
     resume: dict | None = None,
+    fast: FastOptions | None = None,
 ) -> PruningPlan:
     """Run Algorithm 1 on a copy of `model` and return its plan (the model is not changed).
 
@@ -104,20 +106,35 @@ def _progressive(
     (removed units are cut again, no test is re-run), recomputes sigma once, and continues.
     Unit orders come from the seed, so a resumed run visits the same units in the same order
     and yields the plan an uninterrupted run would.
+
+    `fast` turns on the opt-in shortcuts of `cswap.fast` (group testing, sequential tests,
+    Taylor ordering); their plans can differ from the exact one, and they do not resume.
     """
     started = time.perf_counter()
     work = copy.deepcopy(model).to(device).eval()
     cut = Intervention(work, graph)
+    fast = fast or FastOptions()
+    marks: list[int] = []
+    if fast.sequential:  # parts of S that each hold every class, looked at in turn
+        manifold, marks = stratified(manifold, fast.looks)
+        interim = interim_test(test, fast.interim_alpha)
     sigma_of = make_engine(engine, work, scorer, manifold, graph, stages(work) if stages else None, device)
+    if fast.sequential and sigma_of.world > 1:
+        raise ConfigError("sequential testing runs in one process; drop torchrun or pruning.fast.sequential")
     base = sigma_of.baseline()
     rng = np.random.default_rng(seed)
     recorded = list((resume or {}).get("decisions", []))
+    if fast.enabled and recorded:
+        log.warning("fast modes do not resume; the analysis starts again")
+        recorded = []
+    sizer = GroupSizer(fast.group_size, fast.max_group_size) if fast.group_testing else None
     stale_base = bool(recorded)  # after a replay, sigma must be recomputed once
     decisions: list[dict] = []
     removed: list[PlanStep] = []
     critical: list[PlanStep] = []
     protected: dict[str, str] = {}
     categories: Counter = Counter()
+    trials = {"count": 0, "batches": 0}
     last_save = time.perf_counter()
 
     def save(force: bool = False) -> None:
@@ -126,38 +143,95 @@ def _progressive(
             checkpoint({"decisions": decisions})
             last_save = time.perf_counter()
 
+    def trial(block: list, clear: Callable[[Decision], bool]) -> tuple[Scores, Decision]:
+        """sigma* with `block` cut, and the test's decision. With sequential testing the trial
+        ends at the first look where `clear(decision at the interim level)` holds; the
+        decision returned is then that interim one."""
+        seen: list[Decision] = []
+
+        def stop(partial: Scores) -> bool:
+            n = len(partial.values)
+            seen.append(clearly_critical(test, interim, base.values[:n], partial.values, base.groups[:n],
+                                         fast.interim_alpha))
+            return clear(seen[-1])
+
+        before = sigma_of.batch_runs
+        with cut.trial(block):
+            star = sigma_of.trial(block, stop if fast.sequential else None, marks)
+        trials["count"] += 1
+        trials["batches"] += sigma_of.batch_runs - before
+        if len(star.values) < len(base.values):
+            return star, seen[-1]
+        return star, test.decide(base.values, star.values[None, :], base.groups)[0]
+
+    def record(unit: Unit, d: Decision | PlanStep, **extra) -> PlanStep:
+        step = d if isinstance(d, PlanStep) else PlanStep(unit, PROGRESSIVE, d.category, d.xi, p_values=d.p_values)
+        categories[step.category] += 1
+        decisions.append({"unit": str(unit), "category": step.category, "xi": step.xi,
+                          "p_values": {str(k): v for k, v in step.p_values.items()}, **extra})
+        if sizer:
+            sizer.record(1, int(step.category != NEUTRAL))
+        return step
+
     layer_bar = tqdm(graph.layers, desc="layers", unit="layer", disable=not progress)
     for layer in layer_bar:
         layer_bar.set_postfix_str(layer.name)
         units = layer.units()
         if shuffle_units:
             units = [units[i] for i in rng.permutation(len(units))]
+        if fast.taylor_order:
+            effect = getattr(getattr(test, "options", None), "effect", "relative")
+            estimate = taylor_estimates(work, graph, layer.name, manifold, scorer, effect, device)
+            units.sort(key=lambda u: abs(estimate[u]))  # stable: ties keep the seeded order
+        if sizer:
+            sizer.new_layer()
         remaining = layer.channels
-        for unit in tqdm(units, desc=layer.name, unit="unit", leave=False, disable=not progress):
+        todo: deque[Unit] = deque(units)
+        pending: deque[list[Unit]] = deque()  # halves of blocks that were not jointly neutral
+        bar = tqdm(total=len(units), desc=layer.name, unit="unit", leave=False, disable=not progress)
+        while todo or pending:
             if remaining == 1:  # a layer cannot lose its last channel
-                protected[str(unit)] = "last unit of its layer (not tested)"
-                categories["untested"] += 1
-                decisions.append({"unit": str(unit), "category": "untested"})
+                for unit in [u for block in pending for u in block] + list(todo):
+                    protected[str(unit)] = "last unit of its layer (not tested)"
+                    categories["untested"] += 1
+                    decisions.append({"unit": str(unit), "category": "untested"})
+                break
+            size = min(sizer.size() if sizer else 1, remaining - 1)  # never the rest of the layer
+            block = pending.popleft() if pending else [todo.popleft() for _ in range(min(size, len(todo)))]
+            if len(block) > size:  # a half of a split block, larger than the rate now allows
+                pending.appendleft(block[size:])
+                block = block[:size]
+
+            if len(block) > 1:  # group testing: remove the block if jointly neutral, else split it
+                star, d = trial(block, lambda d: d.category != NEUTRAL)
+                if len(star.values) < len(base.values) or d.category != NEUTRAL:
+                    sizer.record(1, 1)  # at least one non-neutral unit in there
+                    half = len(block) // 2
+                    pending.extendleft([block[half:], block[:half]])  # the first half first
+                    continue
+                for unit in block:
+                    cut.cut(unit)
+                    removed.append(record(unit, d, block=len(block)))
+                sigma_of.commit(block)
+                base = star
+                remaining -= len(block)
+                bar.update(len(block))
+                save()
                 continue
+
+            unit = block[0]
             replay = recorded[len(decisions)] if len(decisions) < len(recorded) else None
-            if replay is not None and replay["category"] == "untested":
-                raise RuntimeError(f"resume state does not match this analysis at {unit}")
             if replay is not None:
-                if replay["unit"] != str(unit):
+                if replay["category"] == "untested" or replay["unit"] != str(unit):
                     raise RuntimeError(f"resume state does not match this analysis at {unit} ({replay['unit']})")
-                step = PlanStep(unit, PROGRESSIVE, replay["category"], replay["xi"],
-                                p_values={int(k): v for k, v in replay["p_values"].items()})
+                step = record(unit, PlanStep(unit, PROGRESSIVE, replay["category"], replay["xi"],
+                                             p_values={int(k): v for k, v in replay["p_values"].items()}))
             else:
                 if stale_base:
-                    base = sigma_of.baseline()  # sigma of the network the replay rebuilt
-                    stale_base = False
-                with cut.trial([unit]):
-                    star = sigma_of.trial(unit)
-                d = test.decide(base.values, star.values[None, :], base.groups)[0]
-                step = PlanStep(unit, PROGRESSIVE, d.category, d.xi, p_values=d.p_values)
-            categories[step.category] += 1
-            decisions.append({"unit": str(unit), "category": step.category, "xi": step.xi,
-                              "p_values": {str(k): v for k, v in step.p_values.items()}})
+                    base, stale_base = sigma_of.baseline(), False  # sigma of the network the replay rebuilt
+                star, d = trial(block, lambda d: d.category == CRITICAL)
+                early = len(star.values) < len(base.values)  # stopped at a look: clearly critical
+                step = record(unit, d, **({"samples_seen": len(star.values)} if early else {}))
             if step.category == CRITICAL:
                 step.phase = CRITICAL_RANKED
                 critical.append(step)
@@ -168,7 +242,9 @@ def _progressive(
                     base = star  # sigma of the network with this unit removed: no extra pass
                 remaining -= 1
                 removed.append(step)
+            bar.update(1)
             save()
+        bar.close()
         save(force=True)
         log.info("%s: %d of %d units removed", layer.name, layer.channels - remaining, layer.channels)
 
@@ -181,6 +257,10 @@ def _progressive(
             "samples": int(len(base.values)),
             "categories": {k: categories.get(k, 0) for k in ("neutral", "detrimental", "critical", "untested")},
             "units_tested": sum(categories[k] for k in ("neutral", "detrimental", "critical")),
+            # unit-forward passes: trials, and trials counted by the share of S they ran
+            **({"fast": {**fast.model_dump(), "trials": trials["count"],
+                         "trial_sample_passes": round(trials["batches"] / max(1, len(sigma_of.batches)), 3)}}
+               if fast.enabled else {}),
         },
     )
     plan.protected.update(protected)

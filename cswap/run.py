@@ -52,7 +52,10 @@ def describe(cfg: RunConfig) -> str:
     lines += [f"  {layer.name:<40} {layer.channels:>6}" for layer in graph.layers]
     lines += [f"  not pruned: {name}: {why}" for name, why in graph.skipped.items()]
     target = cfg.pruning.params_ratio or cfg.pruning.flops_ratio
-    lines.append(f"would run  one forward pass over S per unit ({graph.num_units} units)"
+    fast = cfg.pruning.fast
+    modes = [name for name in ("group_testing", "sequential", "taylor_order") if getattr(fast, name)]
+    lines.append((f"would run  fast modes {', '.join(modes)} on {graph.num_units} units (the plan may differ from the "
+                  "exact one)" if modes else f"would run  one forward pass over S per unit ({graph.num_units} units)")
                  + (f", then replay to target {target}" if target else ", then remove non-critical units"))
     return "\n".join(lines)
 
@@ -188,7 +191,7 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
     plan = progressive_prune(
         model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
         shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
-        stages=adapter.stages, engine=cfg.pruning.engine,
+        stages=adapter.stages, engine=cfg.pruning.engine, fast=cfg.pruning.fast,
         checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
         resume=resume,
     )

@@ -22,3 +22,8 @@ class TrueClassProbability(ScoringFunction):
         logp = torch.log_softmax(outputs.detach().to(torch.float64), dim=1)
         values = logp.gather(1, targets.view(-1, 1).long()).squeeze(1).exp()
         return Scores(values.cpu().numpy(), targets.detach().cpu().numpy().astype(np.int64))
+
+    def differentiable(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(outputs, (tuple, list)):
+            outputs = outputs[0]
+        return torch.log_softmax(outputs, dim=1).gather(1, targets.view(-1, 1).long()).squeeze(1).exp()

@@ -1,0 +1,182 @@
+"""Opt-in fast modes of Algorithm 1: fewer unit-forward passes, a plan that may differ.
+
+The exact algorithm tests every unit alone on the whole sample set S. Three shortcuts, each
+off by default and each measured against the exact plan in `benchmarks/fast_modes.py`:
+
+- **Group testing** (`group_testing`): a block of k units of one layer is cut jointly. If no
+  group of the test sees a significant change, the whole block is neutral and removed at
+  once; otherwise it is split in halves, down to single units, which get the exact test.
+  k adapts to the non-neutral rate seen so far (Dorfman's rule: k = 1 + 1/sqrt(q), and no
+  grouping once q >= 0.3, where pooling cannot save tests). A jointly neutral block contains
+  no unit that would be critical alone only if effects do not cancel; that is the
+  approximation, the paper's "group-wise relevance" open question.
+- **Sequential testing** (`sequential`): the trial of a unit runs S in `looks` stratified
+  parts; after each part but the last the test is applied at the strict level
+  `interim_alpha`, and a unit already clearly *critical* there (a class significantly
+  affected and, under Definition 2's global sign, xi significantly below zero) is kept
+  without running the rest (Haybittle-Peto design: the final look uses the full alpha, so the
+  overall type-I rate is at most alpha + (looks - 1) * interim_alpha). Only critical verdicts
+  stop early, because a removed unit's full sigma* becomes the next baseline. The xi of an
+  early-stopped unit is estimated on the part of S it saw (it only orders the critical tail).
+- **Taylor screening** (`taylor_order`): before each layer, one backward pass gives the
+  first-order estimate of every unit's xi (the cut zeroes the weights reading the unit, so
+  d(objective) ~ -sum grad * weight over those slices), and units are visited from the
+  smallest |estimate| up. Likely-neutral units then come first and form neutral blocks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from scipy import stats
+from torch import nn
+
+from .causal import CRITICAL, DETRIMENTAL, NEUTRAL, effect
+from .errors import ConfigError
+from .interfaces import Decision, Manifold, ScoringFunction, SignificanceTest
+from .units import Unit, UnitGraph
+
+# Above this share of non-neutral units, testing a pool costs more tests than it saves
+# (Dorfman 1943: pooling pays only while q < 1 - 3^(-1/3) ~ 0.31).
+POOLING_LIMIT = 0.3
+
+
+class FastOptions(BaseModel):
+    """`pruning.fast` in a run config; all off is the paper's exact algorithm."""
+
+    model_config = ConfigDict(extra="forbid")
+    group_testing: bool = Field(False, description="test blocks of units jointly, split blocks that are not neutral")
+    group_size: int = Field(8, ge=2, description="first block size; later ones adapt to the neutral rate")
+    max_group_size: int = Field(64, ge=2)
+    sequential: bool = Field(False, description="stop a trial early once the unit is clearly critical")
+    looks: int = Field(4, ge=2, le=64, description="parts of S after which the test is applied")
+    interim_alpha: float = Field(0.001, gt=0, lt=1, description="significance level of the early looks")
+    taylor_order: bool = Field(False, description="visit units by first-order |xi| estimate, smallest first")
+
+    @property
+    def enabled(self) -> bool:
+        return self.group_testing or self.sequential or self.taylor_order
+
+
+class GroupSizer:
+    """Block size from the non-neutral rate q seen recently in this layer (decisions weighted
+    by `memory` per unit, so a run of neutral units does not hide a dense stretch that
+    follows, as in a Taylor-ordered layer), shrunk towards the rate over all layers so far,
+    which starts at the q for which `initial` is the optimal block size."""
+
+    def __init__(self, initial: int, maximum: int, memory: float = 0.9):
+        self.maximum = max(initial, maximum)
+        self.memory = memory
+        self.prior = 1.0 / (initial - 1) ** 2
+        self.total = [0.0, 0.0]  # non-neutral, decided: all layers
+        self.layer = [0.0, 0.0]  # the same, this layer, recent decisions weighted more
+
+    def new_layer(self) -> None:
+        self.layer = [0.0, 0.0]
+
+    def record(self, units: int, non_neutral: int) -> None:
+        fade = self.memory ** units
+        weight = (1 - fade) / (1 - self.memory)  # the units of a block fade like single ones
+        self.layer = [self.layer[0] * fade + min(non_neutral, weight), self.layer[1] * fade + weight]
+        self.total = [self.total[0] + non_neutral, self.total[1] + units]
+
+    def rate(self) -> float:
+        q_all = (self.total[0] + 2 * self.prior) / (self.total[1] + 2)
+        return (self.layer[0] + 2 * q_all) / (self.layer[1] + 2)
+
+    def size(self) -> int:
+        q = self.rate()
+        if q >= POOLING_LIMIT:
+            return 1
+        return int(min(self.maximum, max(2, round(1 + 1 / math.sqrt(q)))))
+
+
+def interim_test(test: SignificanceTest, alpha: float) -> SignificanceTest:
+    """A copy of `test` at significance level `alpha` (the test must have an `alpha` option)."""
+    options = getattr(test, "options", None)
+    if options is None or not hasattr(options, "alpha"):
+        raise ConfigError(f"sequential testing needs a test with an alpha option; {type(test).__name__} has none")
+    interim = copy.copy(test)
+    interim.options = options.model_copy(update={"alpha": alpha})
+    return interim
+
+
+def clearly_critical(test: SignificanceTest, interim: SignificanceTest, sigma: np.ndarray, sigma_star: np.ndarray,
+                     groups: np.ndarray, alpha: float) -> Decision:
+    """The interim decision on the first samples of S, as `critical` only when it is clear.
+
+    Under Definition 2's global sign the final verdict also depends on the sign of xi over
+    all of S, and xi from a part of S is noisy (the relative effect is heavy-tailed upwards):
+    a unit that hurts one class but helps more elsewhere would be called critical early and
+    kept, although the full test calls it detrimental. So besides a significant class, an
+    early critical verdict needs xi itself significantly below zero (one-sided t-test of the
+    per-observation effects at `alpha`).
+    """
+    d = interim.decide(sigma, sigma_star[None, :], groups)[0]
+    options = getattr(test, "options", None)
+    if d.category != CRITICAL or getattr(options, "verdict", "global_sign") != "global_sign":
+        return d
+    e = effect(sigma, sigma_star, getattr(options, "effect", "relative"))
+    if len(e) > 1 and np.std(e) > 0 and stats.ttest_1samp(e, 0.0, alternative="less").pvalue < alpha:
+        return d
+    return Decision(NEUTRAL if not d.significant else DETRIMENTAL, d.xi, d.p_values, d.significant)  # not clear yet
+
+
+def stratified(manifold: Manifold, looks: int) -> tuple[Manifold, list[int]]:
+    """S reordered so every part holds every class in proportion, and the batch counts after
+    which the looks happen. Targets must be class-label tensors of shape (batch,);
+    other tasks keep their order and look at batch boundaries."""
+    batches = list(manifold)
+    if not batches:
+        return manifold, []
+    targets = [y for _, y in batches]
+    if all(torch.is_tensor(y) and y.dim() == 1 and not y.is_floating_point() for y in targets):
+        inputs = torch.cat([x for x, _ in batches])
+        labels = torch.cat(targets)
+        # round-robin over classes: sample j of every class before sample j + 1 of any
+        rank = torch.zeros_like(labels)
+        for k in labels.unique():
+            where = (labels == k).nonzero().flatten()
+            rank[where] = torch.arange(len(where))
+        order = torch.from_numpy(np.lexsort((labels.numpy(), rank.numpy())))
+        size = max(len(t) for t in targets)
+        parts = max(looks, math.ceil(len(labels) / size))
+        bounds = np.linspace(0, len(labels), parts + 1).round().astype(int)
+        batches = [(inputs[order[a:b]], labels[order[a:b]]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        manifold = Manifold(batches, dict(manifold.class_counts))
+    n = len(batches)
+    if n < 2:
+        raise ConfigError("sequential testing needs S in at least two batches; lower the task's batch_size")
+    marks = sorted({max(1, round(n * j / looks)) for j in range(1, looks)} - {n})
+    return manifold, marks
+
+
+def taylor_estimates(model: nn.Module, graph: UnitGraph, layer: str, manifold: Manifold,
+                     scorer: ScoringFunction, effect: str, device) -> dict[Unit, float]:
+    """First-order estimate of each unit's xi in `layer` on the current network.
+
+    The objective is mean log sigma for the relative and log-ratio effects (d sigma / sigma
+    = d log sigma) and mean sigma for the absolute one. A cut zeroes the weight slices W_c
+    that read unit c, so its change is about -sum(grad(W_c) * W_c).
+    """
+    params = dict(model.named_parameters())
+    reads = graph.layer(layer).reads
+    wanted = [params[p] for p, _, _ in reads]
+    n = len(manifold)
+    grads = {p: torch.zeros_like(params[p]) for p, _, _ in reads}
+    with torch.enable_grad():
+        for x, y in manifold:
+            sigma = scorer.differentiable(model(x.to(device)), y.to(device) if torch.is_tensor(y) else y)
+            objective = (torch.log(sigma.clamp_min(1e-12)) if effect in ("relative", "log_ratio") else sigma).sum() / n
+            for (p, _, _), g in zip(reads, torch.autograd.grad(objective, wanted, allow_unused=True)):
+                if g is not None:
+                    grads[p] += g
+    estimate = np.zeros(graph.layer(layer).channels)
+    for p, dim, per_channel in reads:
+        contribution = (grads[p] * params[p].detach()).sum(dim=[d for d in range(params[p].dim()) if d != dim])
+        for c, idx in enumerate(per_channel):
+            estimate[c] -= float(contribution[idx].sum())
+    return {Unit(layer, c): float(v) for c, v in enumerate(estimate)}
