@@ -6,8 +6,11 @@ off by default and each measured against the exact plan in `benchmarks/fast_mode
 - **Group testing** (`group_testing`): a block of k units of one layer is cut jointly. If no
   group of the test sees a significant change, the whole block is neutral and removed at
   once; otherwise it is split in halves, down to single units, which get the exact test.
-  k adapts to the non-neutral rate seen so far (Dorfman's rule: k = 1 + 1/sqrt(q), and no
-  grouping once q >= 0.3, where pooling cannot save tests). A jointly neutral block contains
+  `group_accept: non_critical` also removes a block whose joint verdict is detrimental, the
+  way Algorithm 1 removes a single detrimental unit (for models with few neutral units).
+  k adapts to the rate q of units a block must not hold (non-neutral ones) seen so far
+  (Dorfman's rule: k = 1 + 1/sqrt(q), and no grouping once q >= 0.3, where pooling cannot
+  save tests). A jointly neutral block contains
   no unit that would be critical alone only if effects do not cancel; that is the
   approximation, the paper's "group-wise relevance" open question.
 - **Sequential testing** (`sequential`): the trial of a unit runs S in `looks` stratified
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ from .errors import ConfigError
 from .interfaces import Decision, Manifold, ScoringFunction, SignificanceTest
 from .units import Unit, UnitGraph
 
-# Above this share of non-neutral units, testing a pool costs more tests than it saves
+# Above this share of units a block must not hold, testing a pool costs more tests than it saves
 # (Dorfman 1943: pooling pays only while q < 1 - 3^(-1/3) ~ 0.31).
 POOLING_LIMIT = 0.3
 
@@ -50,11 +54,19 @@ class FastOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     group_testing: bool = Field(False, description="test blocks of units jointly, split blocks that are not neutral")
     group_size: int = Field(8, ge=2, description="first block size; later ones adapt to the neutral rate")
+    group_accept: Literal["neutral", "non_critical"] = Field(
+        "neutral", description="joint verdict that removes a block whole: neutral (the issue's rule), or "
+        "non_critical (neutral or detrimental, as Algorithm 1 treats a single unit; an experiment: it lost "
+        "23 SAUCE points on ResNet-20 in docs/results/performance.md)")
     max_group_size: int = Field(64, ge=2)
     sequential: bool = Field(False, description="stop a trial early once the unit is clearly critical")
     looks: int = Field(4, ge=2, le=64, description="parts of S after which the test is applied")
     interim_alpha: float = Field(0.001, gt=0, lt=1, description="significance level of the early looks")
     taylor_order: bool = Field(False, description="visit units by first-order |xi| estimate, smallest first")
+
+    def accepts(self, category: str) -> bool:
+        """Whether a block with this joint verdict is removed whole."""
+        return category == NEUTRAL or (self.group_accept == "non_critical" and category == DETRIMENTAL)
 
     @property
     def enabled(self) -> bool:
@@ -62,7 +74,8 @@ class FastOptions(BaseModel):
 
 
 class GroupSizer:
-    """Block size from the non-neutral rate q seen recently in this layer (decisions weighted
+    """Block size from the rate q of units a block must not hold (non-neutral ones, or critical
+    ones with `group_accept: non_critical`) seen recently in this layer (decisions weighted
     by `memory` per unit, so a run of neutral units does not hide a dense stretch that
     follows, as in a Taylor-ordered layer), shrunk towards the rate over all layers so far,
     which starts at the q for which `initial` is the optimal block size."""
@@ -71,17 +84,18 @@ class GroupSizer:
         self.maximum = max(initial, maximum)
         self.memory = memory
         self.prior = 1.0 / (initial - 1) ** 2
-        self.total = [0.0, 0.0]  # non-neutral, decided: all layers
+        self.total = [0.0, 0.0]  # rejected, decided: all layers
         self.layer = [0.0, 0.0]  # the same, this layer, recent decisions weighted more
 
     def new_layer(self) -> None:
         self.layer = [0.0, 0.0]
 
-    def record(self, units: int, non_neutral: int) -> None:
+    def record(self, units: int, rejected: int) -> None:
+        """`units` decided, `rejected` of which a block must not hold."""
         fade = self.memory ** units
         weight = (1 - fade) / (1 - self.memory)  # the units of a block fade like single ones
-        self.layer = [self.layer[0] * fade + min(non_neutral, weight), self.layer[1] * fade + weight]
-        self.total = [self.total[0] + non_neutral, self.total[1] + units]
+        self.layer = [self.layer[0] * fade + min(rejected, weight), self.layer[1] * fade + weight]
+        self.total = [self.total[0] + rejected, self.total[1] + units]
 
     def rate(self) -> float:
         q_all = (self.total[0] + 2 * self.prior) / (self.total[1] + 2)

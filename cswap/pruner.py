@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .causal import CRITICAL, NEUTRAL
+from .causal import CRITICAL
 from .engine import FullForward, make_engine
 from .errors import ConfigError, ResourceError
 from .fast import FastOptions, GroupSizer, clearly_critical, interim_test, stratified, taylor_estimates
@@ -170,7 +170,7 @@ def _progressive(
         decisions.append({"unit": str(unit), "category": step.category, "xi": step.xi,
                           "p_values": {str(k): v for k, v in step.p_values.items()}, **extra})
         if sizer:
-            sizer.record(1, int(step.category != NEUTRAL))
+            sizer.record(1, int(not fast.accepts(step.category)))
         return step
 
     layer_bar = tqdm(graph.layers, desc="layers", unit="layer", disable=not progress)
@@ -202,14 +202,14 @@ def _progressive(
                 pending.appendleft(block[size:])
                 block = block[:size]
 
-            if len(block) > 1:  # group testing: remove the block if jointly neutral, else split it
-                star, d = trial(block, lambda d: d.category != NEUTRAL)
-                if len(star.values) < len(base.values) or d.category != NEUTRAL:
-                    sizer.record(1, 1)  # at least one non-neutral unit in there
+            if len(block) > 1:  # group testing: remove the block if the joint verdict allows, else split it
+                star, d = trial(block, lambda d: not fast.accepts(d.category))
+                if len(star.values) < len(base.values) or not fast.accepts(d.category):
+                    sizer.record(1, 1)  # at least one unit in there that would not be removed alone
                     half = len(block) // 2
                     pending.extendleft([block[half:], block[:half]])  # the first half first
                     continue
-                for unit in block:
+                for unit in block:  # every unit gets the block's verdict
                     cut.cut(unit)
                     removed.append(record(unit, d, block=len(block)))
                 sigma_of.commit(block)

@@ -184,3 +184,16 @@ def test_early_critical_needs_xi_clearly_below_zero():
     assert clearly_critical(test, interim, sigma, star, groups, 0.01).category != "critical"
     everywhere = np.r_[hurt, np.full(n, 0.02) + 0.001 * rng.standard_normal(n)]
     assert clearly_critical(test, interim, sigma, everywhere, groups, 0.01).category == "critical"
+
+
+def test_group_accept_non_critical_removes_detrimental_blocks(trained_cnn):
+    """With `group_accept: non_critical` a block is removed when its joint verdict is what
+    Algorithm 1 removes for a single unit (neutral or detrimental), never when critical."""
+    model, x, y = trained_cnn
+    plan, _ = _analysis(model, x, y, {"group_testing": True, "group_accept": "non_critical", "group_size": 4},
+                        samples_per_class=20)
+    assert plan.meta["fast"]["group_accept"] == "non_critical"
+    assert all(s.category in ("neutral", "detrimental") for s in plan.steps if s.phase == "progressive")
+    assert all(s.category == "critical" for s in plan.steps if s.phase == "critical")
+    assert FastOptions(group_accept="non_critical").accepts("detrimental")
+    assert not FastOptions().accepts("detrimental") and not FastOptions(group_accept="non_critical").accepts("critical")
