@@ -8,24 +8,33 @@ are written in the Cityscapes layout, so the run goes through the real path: mms
 CityscapesDataset, the `segmentation` task, the `miou` scorer and `cswap curve`.
 
 Steps: compose scenes -> train DDRNet from the mmseg DDRNet-23-slim config (optionally
-narrower, `--width`) on CPU for `--steps` steps -> `cswap curve` with C-SWAP, random,
-magnitude and AMP (metric mean_sigma, since AMP's KL needs per-image logits) -> CSV, JSON,
-PNG and SAUCE table in `--out`.
+narrower, `--width`) on CPU for `--steps` steps (AdamW, poly learning-rate decay) ->
+`cswap curve` with C-SWAP, random, magnitude and AMP (metric mean_sigma, since AMP's KL needs
+per-image logits) -> parameters, MACs, latency and mIoU of the model C-SWAP prunes (all its
+non-critical units) beside the original's -> small CSV, JSON, PNG and SAUCE table in `--out`.
 
-    python benchmarks/segmentation_fashion_scenes.py --out docs/results/seg_fashion_scenes
-The defaults are a short CPU version; the paper-like setting is `--width 32 --steps 2000
---train 2000 --samples-per-class 16 --seeds 3` on a GPU (`--device cuda`).
+Scenes, the trained checkpoint and the curve's plans go to `--work` (default under the
+gitignored runs/); a checkpoint of the same settings is reused (loaded with weights_only),
+so a second run only redoes the curves.
+
+    OMP_NUM_THREADS=1 python benchmarks/segmentation_fashion_scenes.py --out docs/results/segmentation
+The defaults are the CPU setting of docs/results/segmentation.md; the paper-like setting is
+`--width 32 --size 512,1024 --samples-per-class 16 --seeds 3` on a GPU (`--device cuda`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # tasks, scorers, adapters, criteria: the repository's plugins
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 BACKGROUND = 10
@@ -57,11 +66,13 @@ def compose_scenes(root: Path, split: str, n: int, images: np.ndarray, labels: n
 
 
 def train(model, task, steps: int, batch: int, lr: float, seed: int) -> list[float]:
-    """Adam on cross-entropy; BatchNorm layers learn their statistics (the wrapper itself
-    stays in eval mode, which is what makes DDRNet return its main output only)."""
+    """AdamW on cross-entropy with poly decay (mmseg's schedule, power 0.9); BatchNorm layers
+    learn their statistics (the wrapper itself stays in eval mode, which is what makes DDRNet
+    return its main output only)."""
     g = np.random.default_rng(seed)
     n = len(task.dataset("train"))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / steps) ** 0.9)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.train()
@@ -72,25 +83,51 @@ def train(model, task, steps: int, batch: int, lr: float, seed: int) -> list[flo
         loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(loss.item())
     model.eval()
     return losses
 
 
+def pruned_costs(model, plans: Path, task, adapter, example) -> list[dict]:
+    """Each C-SWAP plan replayed over all its non-critical units (its own stopping point):
+    parameters, MACs, latency and mIoU of the pruned model beside the original's."""
+    from cswap.metrics import model_costs
+    from cswap.plan import PruningPlan
+
+    rows = [{"model": "original", **model_costs(model, example, batch=16, repeats=20),
+             "mIoU": task.evaluate(model)["mIoU"]}]
+    for path in sorted(plans.glob("cswap-seed*.json")):
+        plan = PruningPlan.load(path)
+        k = plan.num_noncritical
+        pruned = plan.apply_prefix(model, k, adapter=adapter)
+        rows.append({"model": f"cswap {path.stem.split('-')[-1]}: {k} non-critical units removed",
+                     "params_removed": plan.cumulative_params_removed()[k] / plan.params_total,
+                     **model_costs(pruned, example, batch=16, repeats=20), "mIoU": task.evaluate(pruned)["mIoU"]})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("docs/results/seg_fashion_scenes"))
-    p.add_argument("--width", type=int, default=8, help="DDRNet base channels (32 = DDRNet-23-slim)")
-    p.add_argument("--train", type=int, default=256)
-    p.add_argument("--val", type=int, default=32)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--out", type=Path, default=Path("docs/results/segmentation"), help="small results (CSV, JSON, PNG)")
+    p.add_argument("--work", type=Path, default=Path("runs/seg_fashion_scenes"),
+                   help="scenes, checkpoint, plans (large, not for git)")
+    p.add_argument("--width", type=int, default=16, help="DDRNet base channels (32 = DDRNet-23-slim)")
+    p.add_argument("--size", default="64,128", help="scene height,width in pixels")
+    p.add_argument("--items", type=int, default=3, help="Fashion-MNIST items per scene")
+    p.add_argument("--train", type=int, default=4000)
+    p.add_argument("--val", type=int, default=300)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--samples-per-class", type=int, default=4)
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--ratios", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--samples-per-class", type=int, default=8)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds-per-criterion", default="{}", metavar="JSON", help='e.g. \'{"amp": 1}\'')
+    p.add_argument("--ratios", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
     p.add_argument("--criteria", default="cswap,random,magnitude,amp")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-only", action="store_true", help="stop after training and evaluating the model")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -100,13 +137,14 @@ def main(argv=None) -> int:
     from tasks.idx_files import load_mnist_split
     from tasks.mmseg_model import build_mmseg_model
 
-    out = args.out.resolve()
-    data = out / "data"
+    out, work = args.out.resolve(), args.work.resolve()
+    size = tuple(int(v) for v in args.size.split(","))
+    data = work / f"data-{size[0]}x{size[1]}-items{args.items}-train{args.train}-val{args.val}"
     started = time.perf_counter()
     if not (data / "gtFine").is_dir():
         imgs, labs = load_mnist_split(FASHION_ROOT, "train")
-        compose_scenes(data, "train", args.train, imgs[:50000], labs[:50000], seed=0)
-        compose_scenes(data, "val", args.val, imgs[50000:], labs[50000:], seed=1)  # items unseen in training
+        compose_scenes(data, "train", args.train, imgs[:50000], labs[:50000], size, args.items, seed=0)
+        compose_scenes(data, "val", args.val, imgs[50000:], labs[50000:], size, args.items, seed=1)  # unseen items
 
     w = args.width
     cfg_options = {"model.backbone.channels": w, "model.backbone.ppm_channels": 4 * w,
@@ -115,12 +153,27 @@ def main(argv=None) -> int:
                     "min_pixels": 16, "batch_size": 16}
     task = registry.create("tasks", "segmentation", task_options)
     model = build_mmseg_model(DDRNET, cfg_options)
-    t0 = time.perf_counter()
-    losses = train(model, task, args.steps, args.batch, 2e-3, seed=0)
-    train_seconds = time.perf_counter() - t0
-    weights = out / "ddrnet_fashion_scenes.pt"
-    torch.save(model.state_dict(), weights)
+    weights = work / f"ddrnet-w{w}-{data.name}-steps{args.steps}-b{args.batch}-lr{args.lr:g}.pt"
+    log_path = weights.with_suffix(".json")
+    if weights.is_file() and log_path.is_file():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        training = json.loads(log_path.read_text())
+    else:
+        t0 = time.perf_counter()
+        losses = train(model, task, args.steps, args.batch, args.lr, seed=0)
+        training = {"train_seconds": round(time.perf_counter() - t0, 1),
+                    "loss_every_100": [round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)]}
+        work.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), weights)
+        log_path.write_text(json.dumps(training) + "\n")
+    model.eval()
     trained = task.evaluate(model)
+    setup = {"args": {k: str(v) for k, v in vars(args).items()}, "params": sum(p.numel() for p in model.parameters()),
+             **training, "trained_eval": trained, "checkpoint": str(weights)}
+    out.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        (out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        return 0
 
     cfg = {
         "name": "ddrnet_fashion_scenes", "seed": 0, "device": args.device,
@@ -130,18 +183,47 @@ def main(argv=None) -> int:
         "adapter": {"name": "ddrnet"},
         "scorer": {"name": "miou", "options": {"voting": "per_class"}},
         "test": {"name": "paired_t", "options": {"alpha": 0.05, "voting": "per_class"}},
-        "output": {"dir": str(out), "latency_repeats": 3},
+        "output": {"dir": str(work), "latency_repeats": 3},
     }
-    cfg_path = out / "config.yaml"
+    cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    rc = cswap_main(["curve", str(cfg_path), "--criteria", args.criteria, "--seeds", str(args.seeds),
-                     "--ratios", args.ratios, "--criterion-options", json.dumps({"amp": {"metric": "mean_sigma"}}),
-                     "--out", str(out / "curve"), "--quiet"])
-    (out / "setup.json").write_text(json.dumps({
-        "args": {k: str(v) for k, v in vars(args).items()}, "params": sum(p.numel() for p in model.parameters()),
-        "train_seconds": round(train_seconds, 1), "final_loss": float(np.mean(losses[-10:])),
-        "trained_eval": trained, "total_seconds": round(time.perf_counter() - started, 1), "curve_rc": rc,
-    }, indent=1) + "\n")
+    # one `cswap curve` per criterion, so each can have its own number of seeds and a finished
+    # criterion is reused when the run is repeated; the parts are merged into one table and plot
+    criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
+    seeds_of = {c: int(json.loads(args.seeds_per_criterion).get(c, args.seeds)) for c in criteria}
+    parts, curve_seconds, rc = [], {}, 0
+    for c in criteria:
+        part = work / f"curve-{c.replace('/', '-')}-seeds{seeds_of[c]}"
+        if not (part / "curve.json").is_file():
+            t0 = time.perf_counter()
+            rc = cswap_main(["curve", str(cfg_path), "--criteria", c, "--seeds", str(seeds_of[c]),
+                             "--ratios", args.ratios, "--criterion-options",
+                             json.dumps({"amp": {"metric": "mean_sigma"}}), "--out", str(part), "--quiet"])
+            if rc != 0:
+                break
+            (part / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        parts.append((c, part, json.loads((part / "curve.json").read_text())))
+        curve_seconds[c] = float((part / "wall_seconds.txt").read_text())
+    costs = []
+    if rc == 0:
+        from cswap.curves import CurveResult, write_curve_outputs
+
+        first = parts[0][2]
+        result = CurveResult(first["metric"], first["unpruned"], first["params_total"],
+                             [r for _, _, d in parts for r in d["rows"]], [a for _, _, d in parts for a in d["analyses"]])
+        meta = {"config": cfg["name"], "model": f"mmseg:{DDRNET} width {w}", "ratios": first["ratios"],
+                "seeds": {c: d["seeds"] for c, _, d in parts}, "criteria": [d["criteria"][0] for _, _, d in parts]}
+        write_curve_outputs(result, out, f"DDRNet (width {w}) on Fashion-MNIST scenes", meta)
+        if "cswap" in criteria:
+            from cswap.build import resolve_adapter
+
+            _, adapter = resolve_adapter("ddrnet", model)
+            plans = next(part for c, part, _ in parts if c == "cswap") / "plans"
+            costs = pruned_costs(model, plans, task, adapter, task.example_inputs())
+            (out / "costs.json").write_text(json.dumps(costs, indent=1) + "\n")
+    setup.update({"curve_wall_seconds": curve_seconds, "total_seconds": round(time.perf_counter() - started, 1),
+                  "curve_rc": rc})
+    (out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
     return rc
 
 
