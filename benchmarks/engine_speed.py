@@ -47,8 +47,13 @@ def quick_train(width: int, steps: int, seed: int = 0) -> nn.Module:
     """A few hundred SGD steps: enough for real structure (about 80% accuracy), seconds to run."""
     torch.manual_seed(seed)
     model = CifarResNet(depth=20, width=width, in_channels=1, num_classes=10)
-    x, y = fashion("train", 128 * steps, seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return fit(model, opt, steps, seed)
+
+
+def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> nn.Module:
+    """`steps` batches of 128 fresh Fashion-MNIST training images (seeded), cross-entropy."""
+    x, y = fashion("train", 128 * steps, seed)
     model.train()
     for i in range(steps):
         opt.zero_grad()

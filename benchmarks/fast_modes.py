@@ -36,7 +36,7 @@ from cswap.curves import replay_curve  # noqa: E402
 from cswap.fast import FastOptions  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.sauce import sauce  # noqa: E402
-from engine_speed import fashion, quick_train  # noqa: E402
+from engine_speed import fashion, fit, quick_train  # noqa: E402
 
 MODES = {
     "exact": {},
@@ -57,14 +57,7 @@ def wide_vit(steps: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4,
                               num_heads=4, mlp_ratio=8.0, class_token=True, global_pool="token")
-    x, y = fashion("train", 128 * steps, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    model.train()
-    for i in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x[i * 128:(i + 1) * 128]), y[i * 128:(i + 1) * 128]).backward()
-        opt.step()
-    return model.eval()
+    return fit(model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05), steps, seed)
 
 
 TITLES = {"resnet20": "CIFAR-style ResNet-20 (width 16)",
