@@ -70,7 +70,9 @@ class PairedTTest(SignificanceTest):
     model lost 2.3 to 4 points on three Fashion-MNIST models where `effect: absolute` lost at
     most 0.9 -- but its plans gave the better pruning curves on two of the three (SAUCE), and
     `absolute` removes only a handful of units. Choose `absolute` for a conservative model
-    without a target, `relative` (default) for curves and targets.
+    without a target, `relative` (default) for curves and targets -- except with scores near
+    zero (per-image IoU): there the relative effect explodes, and `absolute` gave the far better
+    curve (docs/results/segmentation.md).
 
     One addition: differences within `tolerance` are treated as exactly zero. Two networks
     that are mathematically equal (a cut unit vs the same unit removed physically) differ by
