@@ -178,14 +178,14 @@ def taylor_estimates(model: nn.Module, graph: UnitGraph, layer: str, manifold: M
     """
     params = dict(model.named_parameters())
     reads = graph.layer(layer).reads
-    wanted = [params[p] for p, _, _ in reads]
+    names = list(dict.fromkeys(p for p, _, _ in reads))  # a parameter may be read in several slices
     n = len(manifold)
-    grads = {p: torch.zeros_like(params[p]) for p, _, _ in reads}
+    grads = {p: torch.zeros_like(params[p]) for p in names}
     with torch.enable_grad():
         for x, y in manifold:
             sigma = scorer.differentiable(model(x.to(device)), y.to(device) if torch.is_tensor(y) else y)
             objective = (torch.log(sigma.clamp_min(1e-12)) if effect in ("relative", "log_ratio") else sigma).sum() / n
-            for (p, _, _), g in zip(reads, torch.autograd.grad(objective, wanted, allow_unused=True)):
+            for p, g in zip(names, torch.autograd.grad(objective, [params[p] for p in names], allow_unused=True)):
                 if g is not None:
                     grads[p] += g
     estimate = np.zeros(graph.layer(layer).channels)
