@@ -72,13 +72,9 @@ class FullForward:
     def targets(self) -> list:
         return [y for _, y in self.batches]
 
-    @torch.no_grad()
     def baseline(self) -> Scores:
-        self.passes += 1
-        self.batch_runs += len(self.batches)
-        return self._scores([self.model(x) for x, _ in self.batches], self.targets)
+        return self._forward()
 
-    @torch.no_grad()
     def trial(self, units: Unit | Sequence[Unit], stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
         """Scores with `units` (of one layer) cut; the caller has cut them in the weights.
 
@@ -86,6 +82,11 @@ class FullForward:
         batches)` may end the trial early: the scores returned are then shorter than S, and
         such a trial cannot be committed.
         """
+        return self._forward(stop, marks)
+
+    @torch.no_grad()
+    def _forward(self, stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
+        """The current network over the batches of S, possibly ending at a mark (see `trial`)."""
         self.passes += 1
         outputs = []
         for b, (x, _) in enumerate(self.batches):
