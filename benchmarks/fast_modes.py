@@ -80,13 +80,12 @@ def trained(name: str, quick: bool, seed: int, cache: Path) -> nn.Module:
     return model
 
 
-def run_mode(model, graph, adapter_name, adapter, task, fast: dict, seed: int):
+def run_mode(model, graph, adapter_name, adapter, task, fast: dict, seed: int, unpruned: float):
     started = time.perf_counter()
     plan = progressive_prune(model, graph, task.manifold(seed), registry.create("scorers", "class_probability"),
                              registry.create("tests", "paired_t", {}), adapter=adapter_name, seed=seed,
                              progress=False, stages=adapter.stages, fast=FastOptions(**fast))
     seconds = time.perf_counter() - started
-    unpruned = task.evaluate(model)["accuracy"]
     curve = replay_curve(model, plan, task, RATIOS, adapter, "accuracy", unpruned)
     return plan, seconds, curve
 
@@ -105,7 +104,7 @@ def benchmark(name: str, model: nn.Module, samples_per_class: int, seed: int, mo
     exact_categories = None
     for mode in ["exact"] + [m for m in modes if m != "exact"]:  # exact first: the reference
         fast = MODES[mode]
-        plan, seconds, curve = run_mode(model, graph, adapter_name, adapter, task, fast, seed)
+        plan, seconds, curve = run_mode(model, graph, adapter_name, adapter, task, fast, seed, out["accuracy"])
         categories = {str(s.unit): s.category for s in plan.steps}
         if mode == "exact":
             exact_categories = categories
