@@ -203,25 +203,28 @@ def _strip_key(rows):
 
 
 def part_fig6(arch: str, args, out: Path, work: Path, timings: Timings) -> None:
-    from cswap.sweep import settings, write_sweep_outputs
+    from cswap.sweep import settings
 
-    dest = out / "fig6"
-    cfg = arch_config(arch, args)
     grid = settings([float(a) for a in args.alphas.split(",")], args.votings.split(","), [args.samples_per_class])
-    jobs = [(f"alpha{g.alpha:g}-{g.voting}-M{g.samples_per_class}", cfg, g, args.sweep_seeds) for g in grid]
-    rows = run_settings(arch, args, jobs, work / "fig6", timings, "fig6")
-    write_sweep_outputs(_strip_key(rows), dest, f"{ARCHS[arch]['title']}: alpha x voting")
+    sweep_part(arch, args, out, work, timings, "fig6", grid,
+               lambda g: f"alpha{g.alpha:g}-{g.voting}-M{g.samples_per_class}", "alpha x voting")
 
 
 def part_samples(arch: str, args, out: Path, work: Path, timings: Timings) -> None:
-    from cswap.sweep import settings, write_sweep_outputs
+    from cswap.sweep import settings
 
-    dest = out / "samples"
-    cfg = arch_config(arch, args)
     grid = settings([0.05], ["per_class"], [int(m) for m in args.mk.split(",")])
-    jobs = [(f"M{g.samples_per_class}", cfg, g, args.sweep_seeds) for g in grid]
-    rows = run_settings(arch, args, jobs, work / "samples", timings, "samples")
-    write_sweep_outputs(_strip_key(rows), dest, f"{ARCHS[arch]['title']}: M_k")
+    sweep_part(arch, args, out, work, timings, "samples", grid, lambda g: f"M{g.samples_per_class}", "M_k")
+
+
+def sweep_part(arch: str, args, out: Path, work: Path, timings: Timings, part: str, grid, key, title: str) -> None:
+    """One cached run_sweep per setting of `grid` (named by `key(setting)`), then the part's tables."""
+    from cswap.sweep import write_sweep_outputs
+
+    cfg = arch_config(arch, args)
+    jobs = [(key(g), cfg, g, args.sweep_seeds) for g in grid]
+    rows = run_settings(arch, args, jobs, work / part, timings, part)
+    write_sweep_outputs(_strip_key(rows), out / part, f"{ARCHS[arch]['title']}: {title}")
 
 
 def part_definition1(arch: str, args, out: Path, work: Path, timings: Timings) -> None:
