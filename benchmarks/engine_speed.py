@@ -62,7 +62,7 @@ def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> 
     return model.eval()
 
 
-def analysis(model, samples_per_class: int, engine: str, seed: int = 0):
+def analysis(model, samples_per_class: int, engine: str, seed: int = 0, unit_batch: int = 1):
     _, adapter = resolve_adapter("auto", model)
     x, y = fashion("train", 20000, seed + 1)
     task = registry.create("tasks", "classification",
@@ -74,7 +74,7 @@ def analysis(model, samples_per_class: int, engine: str, seed: int = 0):
     test = registry.create("tests", "paired_t", {})
     t0 = time.perf_counter()
     plan = progressive_prune(model, graph, manifold, scorer, test, adapter="resnet", seed=seed,
-                             progress=False, stages=adapter.stages, engine=engine)
+                             progress=False, stages=adapter.stages, engine=engine, unit_batch=unit_batch)
     return plan, time.perf_counter() - t0, graph
 
 
@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "docs/results/engine_speed.json")
     p.add_argument("--engines", default="full,staged,delta", help="full (the naive reference) always runs")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--unit-batches", default="", help="e.g. 4,8: also the staged engine evaluating that many "
+                   "units per pass (pruning.unit_batch), asserted to give the staged plan")
     p.add_argument("--weights", type=Path, help="state dict of the ResNet-20 instead of training it "
                    "(fast_modes.py caches the same model in runs/fast_modes/)")
     args = p.parse_args()
@@ -129,25 +131,46 @@ def main() -> None:
             row["speedup_delta"] = times["full"] / times["delta"]
             row["time_share_delta"] = times["delta"] / times["full"]
             row["delta_vs_bound"] = row["time_share_delta"] / result["bound"]["share_with_delta"]
+        for k in [int(k) for k in args.unit_batches.split(",") if k]:
+            plan, secs, _ = analysis(model, mk, "staged", unit_batch=k)
+            same = plan.to_json() == plans["staged"].to_json()
+            assert same, f"unit_batch {k} changed the plan"
+            row.setdefault("unit_batch", []).append({"k": k, "seconds": secs, "plan_identical": same,
+                                                     "speedup_vs_staged": times["staged"] / secs})
+            print(f"M_k={mk:4d} staged, unit_batch {k}: {secs:8.1f} s (plan identical)", flush=True)
         result["runs"].append(row)
         _save(args.out, result)  # after every setting: a long run is never lost
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}))
 
-    # scaling: staged time against the number of samples and against the number of units
-    for mk in ([] if args.skip_scaling else [8, 16, 32] if args.quick else [16, 32, 64]):
-        _, secs, graph = analysis(model, mk, "staged")
-        result["scaling"].append({"vary": "samples", "samples_per_class": mk, "units": graph.num_units, "seconds": secs})
+    # scaling: staged time against the number of samples and against the number of units.
+    # The work per unit-sample is the unavoidable MACs of the bound, so "linear" means seconds
+    # per (unit x sample x suffix MAC) stays flat while M or the width grows.
+    done = {row["samples_per_class"]: row["seconds"]["staged"] for row in result["runs"] if "staged" in row["seconds"]}
+    graph = adapter.units(model, xt[:1])
+    for mk in ([] if args.skip_scaling else [8, 16, 32] if args.quick else [16, 32, 64, 128]):
+        secs = done[mk] if mk in done else analysis(model, mk, "staged")[1]
+        result["scaling"].append(_scaling_row("samples", model, graph, xt[:1], mk, secs, width=16))
         _save(args.out, result)
         print(f"scaling M_k={mk}: {secs:.1f} s", flush=True)
     for width in ([] if args.skip_scaling else [8, 16] if args.quick else [8, 16, 24, 32]):
         m = quick_train(width, 30)
         _, secs, graph = analysis(m, 16, "staged")
-        result["scaling"].append({"vary": "units", "width": width, "samples_per_class": 16, "units": graph.num_units,
-                                  "seconds": secs, "macs": unavoidable_share(m, graph, xt[:1])["macs_full_forward"]})
+        result["scaling"].append(_scaling_row("units", m, graph, xt[:1], 16, secs, width=width))
+        _save(args.out, result)
         print(f"scaling width={width}: {graph.num_units} units, {secs:.1f} s", flush=True)
     result["total_seconds"] = time.perf_counter() - t0
     _save(args.out, result)
     print(f"wrote {args.out}")
+
+
+def _scaling_row(vary: str, model, graph, example, mk: int, secs: float, width: int) -> dict:
+    """One point of a scaling series, with the work it had to do by the bound."""
+    bound = unavoidable_share(model, graph, example)
+    samples = 10 * mk
+    work = graph.num_units * samples * bound["share_cached_prefix"] * bound["macs_full_forward"]
+    return {"vary": vary, "width": width, "samples_per_class": mk, "samples": samples, "units": graph.num_units,
+            "seconds": secs, "macs_full_forward": bound["macs_full_forward"], "unavoidable_macs": work,
+            "ns_per_unavoidable_mac": 1e9 * secs / work}
 
 
 def _save(path: Path, result: dict) -> None:

@@ -63,6 +63,7 @@ class CSwapCriterion(_CausalContext, Criterion):
         shuffle_units: bool = True
         engine: str = Field("auto", description="progressive_prune's engine (staged when the adapter has stages)")
         fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts of cswap.fast")
+        unit_batch: int | Literal["auto"] = Field(1, description="progressive_prune's unit_batch (same plan)")
         test: dict = Field(default_factory=dict, description="options of the task's significance test")
 
     def plan(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> PruningPlan:
@@ -71,7 +72,8 @@ class CSwapCriterion(_CausalContext, Criterion):
         return progressive_prune(
             model, units, task.manifold(seed), scorer, test, adapter=self.adapter, seed=seed,
             shuffle_units=self.options.shuffle_units, device=self.device, progress=self.progress,
-            stages=stages, engine=self.options.engine, fast=self.options.fast)
+            stages=stages, engine=self.options.engine, fast=self.options.fast,
+            unit_batch=self.options.unit_batch)
 
 
 class CBPCriterion(_CausalContext, RankingCriterion):

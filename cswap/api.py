@@ -30,6 +30,7 @@ def analyze(
     device: str | torch.device = "cpu",
     progress: bool = True,
     engine: str = "auto",
+    unit_batch: int | str = 1,
 ) -> PruningPlan:
     """Run progressive C-SWAP (Algorithm 1) and return the plan; `model` is left unchanged.
 
@@ -55,5 +56,5 @@ def analyze(
     return progressive_prune(
         model, graph, task.manifold(seed), score_fn, test, adapter=adapter_name,
         seed=seed, shuffle_units=shuffle_units, device=device, progress=progress,
-        stages=adapter_obj.stages, engine=engine,
+        stages=adapter_obj.stages, engine=engine, unit_batch=unit_batch,
     )

@@ -43,6 +43,16 @@ class PruningConfig(_Strict):
         "also update the first reader by the cut's rank-one share (round-off differences); full: "
         "whole forward per unit")
     fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/fast.py); the plan may differ")
+    unit_batch: int | Literal["auto"] = Field(
+        1, description="units evaluated per pass on a batch that many times larger, speculatively (the same "
+        "plan); auto: from free GPU memory on CUDA, 1 on CPU (no gain there)")
+
+    @field_validator("unit_batch")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("unit_batch must be at least 1 or 'auto'")
+        return v
 
     @model_validator(mode="after")
     def _one_target(self):

@@ -8,6 +8,11 @@ computed during that unit's trial are exactly the new network's, so the cache is
 without an extra pass. Both run the same modules in the same order on the same tensors, so
 their scores are bitwise equal (checked once at start-up; on a mismatch the staged engine
 refuses and the pruner falls back to full forwards).
+
+`Staged.trials` evaluates several units of one layer in one pass on a batch k times larger:
+copy j of S sees unit j cut, by zeroing the features unit j's readers take as input, which is
+what zeroing their weight slices does. Each result holds for the network as it is; the pruner
+throws away the later results once a unit is removed (speculative evaluation).
 """
 from __future__ import annotations
 
@@ -147,6 +152,11 @@ class Staged(FullForward):
             self.first_stage[layer.name] = owner[first[0]]
             self.first_reader[layer.name] = (first[0], first[1], first[3])
         self._originals = {p: params[p].detach().clone() for _, p, _ in self.first_reader.values()} if delta else {}
+        # every module reading each layer, with the input features it reads per channel
+        self.readers = {layer.name: [(model.get_submodule(p.rpartition(".")[0]), dim, idx) for p, dim, idx in layer.reads]
+                        for layer in graph.layers}
+        with torch.no_grad():
+            self._batchable_output = isinstance(self.model(self.probe[:1]), torch.Tensor)
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage
         self.outputs: list[dict[nn.Module, torch.Tensor]] = []  # per batch: cached module outputs
         self._pending = None
@@ -177,20 +187,23 @@ class Staged(FullForward):
 
     @torch.no_grad()
     def _run(self, start: int, replace: dict[nn.Module, object] | None = None,
-             stop: Stop | None = None, marks: Sequence[int] = ()):
+             stop: Stop | None = None, marks: Sequence[int] = (), copies: int = 1, masks=()):
         """Run stages start.. for every batch; in stage `start`, modules in `replace(b)` return
         the given output. Returns outputs, new stage inputs, new module outputs (from start);
-        with `stop` (see `FullForward.trial`) possibly for the first batches only."""
+        with `stop` (see `FullForward.trial`) possibly for the first batches only. With
+        `copies` = k, every batch runs k times stacked along dim 0 (`masks`: pre-hooks that
+        make the copies differ)."""
         outputs, inputs, module_outputs = [], [], []
         for b, (x, _) in enumerate(self.batches):
-            h = x if start == 0 else self.inputs[b][start]
+            h = _tile(x if start == 0 else self.inputs[b][start], copies)
             seen: dict[nn.Module, torch.Tensor] = {}
             hooks = [m.register_forward_hook(_recorder(seen)) for i in range(start, len(self.stages))
                      for m in self.stage_modules[i]]
+            hooks += [m.register_forward_pre_hook(hook) for m, hook in masks]
             patched = []
             try:
                 for m, make in (replace or {}).items():
-                    m.forward = _fixed_output(make, b)  # instance attribute shadows the method
+                    m.forward = _fixed_output(make, b, copies)  # instance attribute shadows the method
                     patched.append(m)
                 stage_inputs = []
                 for i in range(start, len(self.stages)):
@@ -208,7 +221,7 @@ class Staged(FullForward):
             outputs.append(h)
             inputs.append(stage_inputs)
             module_outputs.append(seen)
-            self.batch_runs += 1
+            self.batch_runs += copies
             if stop is not None and b + 1 in marks and stop(self._scores(outputs, self.targets)):
                 break
         return outputs, inputs, module_outputs
@@ -233,8 +246,41 @@ class Staged(FullForward):
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
         outputs, inputs, module_outputs = self._run(start, replace, stop, marks)
         complete = len(outputs) == len(self.batches)
-        self._pending = (units, start, inputs, module_outputs) if complete else None
+        self._pending = ([units], start, inputs, module_outputs) if complete else None
         return self._scores(outputs, self.targets)
+
+    def batchable(self, layer: str) -> bool:
+        """Whether `trials` can evaluate this layer's units together: every reader a plain
+        convolution or linear layer reading whole input features, a tensor output, no delta."""
+        return not self.delta and self._batchable_output and all(
+            dim == 1 and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
+            for m, dim, _ in self.readers[layer])
+
+    def trials(self, units: Sequence[Unit]) -> list[Scores]:
+        """sigma* of each unit cut alone (units of one layer, none cut in the weights), in one
+        pass over S with every batch stacked len(units) times.
+
+        Copy j of a batch has the input features through which unit j is read zeroed at every
+        reader: the same products as zeroing those weight slices (0 * w instead of x * 0), so
+        on kernels whose per-sample result does not depend on the batch size the scores are
+        bitwise those of `trial` (the pruner checks this once per analysis). Any of the units
+        may then be committed.
+        """
+        units = list(units)
+        layer = units[0].layer
+        if any(u.layer != layer for u in units) or not self.batchable(layer):
+            raise ValueError(f"units {units[0]}.. cannot be evaluated together")
+        k = len(units)
+        self.passes += k
+        start = self.first_stage[layer]
+        reader, _, _ = self.first_reader[layer]
+        reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
+        replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
+        masks = [(m, _cut_copies(k, [idx[u.channel] for u in units], m)) for m, _, idx in self.readers[layer]]
+        outputs, inputs, module_outputs = self._run(start, replace, copies=k, masks=masks)
+        self._pending = ([[u] for u in units], start, inputs, module_outputs)
+        return [self._scores([out[j * len(x):(j + 1) * len(x)] for out, (x, _) in zip(outputs, self.batches)],
+                             self.targets) for j in range(k)]
 
     def _runs_before(self, m: nn.Module, reader: nn.Module, stage: int) -> bool:
         mods = self.stage_modules[stage]
@@ -249,12 +295,15 @@ class Staged(FullForward):
         return isinstance(reader, nn.Linear)
 
     def commit(self, units: Unit | Sequence[Unit]) -> None:
-        if self._pending is None or self._pending[0] != _as_list(units):
+        units = _as_list(units)
+        if self._pending is None or units not in self._pending[0]:
             raise RuntimeError(f"commit({units}) without its complete trial")
-        _, start, inputs, module_outputs = self._pending
-        for b in range(len(self.batches)):
-            self.inputs[b][start + 1:] = inputs[b][1:]
-            self.outputs[b].update(module_outputs[b])
+        candidates, start, inputs, module_outputs = self._pending
+        j, k = candidates.index(units), len(candidates)
+        for b, (x, _) in enumerate(self.batches):
+            rows = slice(j * len(x), (j + 1) * len(x))  # copy j of a stacked batch (all of it when k = 1)
+            self.inputs[b][start + 1:] = [t[rows].clone() if k > 1 else t for t in inputs[b][1:]]
+            self.outputs[b].update({m: t[rows].clone() if k > 1 else t for m, t in module_outputs[b].items()})
         self._pending = None
 
 
@@ -275,10 +324,35 @@ class _DeltaOutput:
         return cached - share
 
 
-def _fixed_output(make, b: int):
+def _fixed_output(make, b: int, copies: int = 1):
     if isinstance(make, _DeltaOutput):
         return lambda x: make(b, x)
-    return lambda *args, **kwargs: make(b).clone()  # a clone: in-place ops after it must not touch the cache
+    # a copy: in-place ops after it must not touch the cache
+    return lambda *args, **kwargs: _tile(make(b), copies) if copies > 1 else make(b).clone()
+
+
+def _tile(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """`copies` copies of a batch stacked along dim 0 (the batch itself when copies = 1)."""
+    return t if copies == 1 else t.repeat(copies, *([1] * (t.dim() - 1)))
+
+
+def _cut_copies(copies: int, features: Sequence[Sequence[int]], reader: nn.Module):
+    """Forward pre-hook zeroing, in copy j of a stacked batch, the input features `features[j]`
+    of `reader` (a Conv2d reads them on dim 1, a Linear on the last dim). A new tensor: the
+    input may also flow elsewhere (a residual path) and must stay intact there."""
+    width = reader.in_features if isinstance(reader, nn.Linear) else reader.in_channels
+    keep = torch.ones(copies, width, dtype=torch.bool)
+    for j, idx in enumerate(features):
+        keep[j, list(idx)] = False
+
+    def hook(module, args):
+        x = args[0]
+        stacked = x.view(copies, x.shape[0] // copies, *x.shape[1:])
+        shape = [copies] + [1] * (x.dim())
+        shape[-1 if isinstance(reader, nn.Linear) else 2] = width
+        cut = stacked.masked_fill(~keep.to(x.device).view(shape), 0.0)
+        return (cut.view(x.shape), *args[1:])
+    return hook
 
 
 def _recorder(store: dict):

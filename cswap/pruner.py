@@ -95,6 +95,7 @@ def _progressive(
     checkpoint_seconds: float = 2.0,
     resume: dict | None = None,
     fast: FastOptions | None = None,
+    unit_batch: int | str = 1,
 ) -> PruningPlan:
     """Run Algorithm 1 on a copy of `model` and return its plan (the model is not changed).
 
@@ -109,11 +110,19 @@ def _progressive(
 
     `fast` turns on the opt-in shortcuts of `cswap.fast` (group testing, sequential tests,
     Taylor ordering); their plans can differ from the exact one, and they do not resume.
+
+    `unit_batch` = k > 1 evaluates the next k units of a layer in one pass on a k times
+    larger batch (`Staged.trials`), speculatively: results are used in order, and once a unit
+    is removed the results computed for the old network are thrown away and recomputed, so
+    the plan is Algorithm 1's exactly. `auto` sizes k from free device memory (CUDA only; on
+    CPU per-sample throughput does not grow with the batch, see docs/results/performance.md).
     """
     started = time.perf_counter()
+    fast = fast or FastOptions()
+    if fast.enabled and unit_batch not in (1, "auto"):
+        raise ConfigError("pruning.unit_batch batches exact single-unit trials; it cannot be combined with pruning.fast")
     work = copy.deepcopy(model).to(device).eval()
     cut = Intervention(work, graph)
-    fast = fast or FastOptions()
     marks: list[int] = []
     if fast.sequential:  # parts of S that each hold every class, looked at in turn
         manifold, marks = stratified(manifold, fast.looks)
@@ -122,6 +131,7 @@ def _progressive(
     if fast.sequential and sigma_of.world > 1:
         raise ConfigError("sequential testing runs in one process; drop torchrun or pruning.fast.sequential")
     base = sigma_of.baseline()
+    speculate = Speculation(sigma_of, unit_batch, device) if not fast.enabled else None
     rng = np.random.default_rng(seed)
     recorded = list((resume or {}).get("decisions", []))
     if fast.enabled and recorded:
@@ -185,6 +195,8 @@ def _progressive(
             units.sort(key=lambda u: abs(estimate[u]))  # stable: ties keep the seeded order
         if sizer:
             sizer.new_layer()
+        if speculate:
+            speculate.network_changed()  # nothing computed ahead outlives its layer
         remaining = layer.channels
         todo: deque[Unit] = deque(units)
         pending: deque[list[Unit]] = deque()  # halves of blocks that were not jointly neutral
@@ -229,7 +241,11 @@ def _progressive(
             else:
                 if stale_base:
                     base, stale_base = sigma_of.baseline(), False  # sigma of the network the replay rebuilt
-                star, d = trial(block, lambda d: d.category == CRITICAL)
+                if speculate and speculate.applies(layer.name):
+                    star = speculate.scores(unit, list(todo), lambda: trial(block, None)[0])
+                    d = test.decide(base.values, star.values[None, :], base.groups)[0]
+                else:
+                    star, d = trial(block, lambda d: d.category == CRITICAL)
                 early = len(star.values) < len(base.values)  # stopped at a look: clearly critical
                 step = record(unit, d, **({"samples_seen": len(star.values)} if early else {}))
             if step.category == CRITICAL:
@@ -240,6 +256,8 @@ def _progressive(
                 if replay is None:
                     sigma_of.commit(unit)
                     base = star  # sigma of the network with this unit removed: no extra pass
+                    if speculate:
+                        speculate.network_changed()
                 remaining -= 1
                 removed.append(step)
             bar.update(1)
@@ -264,6 +282,90 @@ def _progressive(
         },
     )
     plan.protected.update(protected)
-    log.info("analysis (%s engine): %d passes over S in %.1f s",
-             type(sigma_of).__name__, sigma_of.passes, time.perf_counter() - started)
+    log.info("analysis (%s engine): %d passes over S in %.1f s%s",
+             type(sigma_of).__name__, sigma_of.passes, time.perf_counter() - started,
+             speculate.summary() if speculate and speculate.k > 1 else "")
     return plan
+
+
+class Speculation:
+    """Scores of single-unit trials computed k at a time for the network as it stands.
+
+    Algorithm 1 tests unit i+1 on the network left after unit i's verdict. While verdicts
+    keep units, the network does not change and results computed ahead stay exact; a removal
+    changes it, and `network_changed` throws the rest away. The first batched result of an
+    analysis is compared bitwise with an ordinary trial of the same unit; if the kernels make
+    them differ, batching is switched off and the analysis continues unbatched (warned).
+    """
+
+    MAX_AUTO = 16
+
+    def __init__(self, engine: FullForward, unit_batch: int | str, device):
+        self.engine = engine
+        self.k = self._size(unit_batch, device)
+        self.ready: dict[Unit, Scores] = {}
+        self.checked = False
+        self.stats = {"batches": 0, "units": 0, "thrown_away": 0}
+
+    def _size(self, unit_batch: int | str, device) -> int:
+        if unit_batch == "auto":
+            if torch.device(device).type != "cuda" or not hasattr(self.engine, "trials"):
+                return 1
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            return max(1, min(self.MAX_AUTO, int(0.5 * free // max(1, self._cache_bytes()))))
+        if not isinstance(unit_batch, int) or unit_batch < 1:
+            raise ConfigError(f"pruning.unit_batch must be a positive integer or 'auto', not {unit_batch!r}")
+        if unit_batch > 1 and not hasattr(self.engine, "trials"):
+            log.warning("unit_batch needs the staged engine; evaluating one unit at a time")
+            return 1
+        return unit_batch
+
+    def _cache_bytes(self) -> int:
+        """Memory of the engine's cached activations of S: a bound on what one more copy holds."""
+        tensors = [t for per_batch in self.engine.inputs for t in per_batch]
+        tensors += [t for per_batch in self.engine.outputs for t in per_batch.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def applies(self, layer: str) -> bool:
+        return self.k > 1 and self.engine.batchable(layer)
+
+    def scores(self, unit: Unit, upcoming: list[Unit], single) -> Scores:
+        """sigma* of `unit` alone, from a batch with the next units of its layer if needed.
+        `single()` runs the ordinary trial (weights cut), used for the one-time check."""
+        if unit in self.ready:
+            return self.ready.pop(unit)
+        reference = None if self.checked else single()
+        block = [unit] + upcoming[:self.k - 1]
+        while True:
+            try:
+                results = self.engine.trials(block)
+                break
+            except torch.OutOfMemoryError:
+                if len(block) == 1:
+                    raise
+                block = block[:len(block) // 2]
+                self.k = len(block)
+                log.warning("out of memory evaluating units together; now %d at a time", self.k)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        self.stats["batches"] += 1
+        self.stats["units"] += len(block)
+        self.ready = dict(zip(block, results))
+        if reference is not None:
+            self.checked = True
+            if not np.array_equal(reference.values, self.ready[unit].values):
+                msg = "batched trials differ from single trials in round-off on this device; unit_batch switched off"
+                log.warning(msg)
+                warnings.warn(msg)
+                self.k, self.ready = 1, {}
+                return single()
+        return self.ready.pop(unit)
+
+    def network_changed(self) -> None:
+        self.stats["thrown_away"] += len(self.ready)
+        self.ready = {}
+
+    def summary(self) -> str:
+        st = self.stats
+        return (f"; unit_batch {self.k}: {st['units']} unit trials in {st['batches']} batched passes, "
+                f"{st['thrown_away']} thrown away after removals")

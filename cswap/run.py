@@ -192,6 +192,7 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
         model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
         shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
         stages=adapter.stages, engine=cfg.pruning.engine, fast=cfg.pruning.fast,
+        unit_batch=cfg.pruning.unit_batch,
         checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
         resume=resume,
     )

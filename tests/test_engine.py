@@ -1,14 +1,22 @@
 """The staged engine computes the same plan as full forward passes, with fewer passes' work."""
 from __future__ import annotations
 
+import copy
+import logging
+import re
+
+import numpy as np
 import pytest
+import timm
 import torch
+from torch import nn
 
 import cswap
 from adapters.cifar_resnet import cifar_resnet8
 from conftest import patterns, randomize_batchnorm, train
 from cswap.build import resolve_adapter
 from cswap.engine import FullForward, Staged, make_engine
+from cswap.units import Intervention
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +56,112 @@ def test_delta_engine_gives_the_same_decisions(model_and_data):
     assert [(s.unit, s.category) for s in delta.steps] == [(s.unit, s.category) for s in full.steps]
     for a, b in zip(delta.steps, full.steps):
         assert a.xi == pytest.approx(b.xi, abs=1e-6)
+
+
+# ---- several units per pass: speculative, the plan unchanged ---------------------------
+def _engine_parts(model, x, y, samples_per_class=20):
+    _, adapter = resolve_adapter("auto", model)
+    graph = adapter.units(model, x[:1])
+    task = cswap.registry.create("tasks", "classification",
+                                 {"dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train"},
+                                 tensors={"train": (x, y)})
+    return adapter, graph, task.manifold(0), cswap.registry.create("scorers", "class_probability")
+
+
+def test_batched_trials_are_bitwise_single_trials_and_any_can_be_committed(model_and_data):
+    model, x, y = model_and_data
+    work = copy.deepcopy(model)
+    adapter, graph, manifold, scorer = _engine_parts(work, x, y)
+    cut = Intervention(work, graph)
+    engine = make_engine("staged", work, scorer, manifold, graph, adapter.stages(work))
+    engine.baseline()
+    layer = next(layer for layer in graph.layers if layer.channels >= 8 and engine.batchable(layer.name))
+    units = layer.units()[:4]
+    batched = engine.trials(units)
+    for unit, scores in zip(units, batched):
+        with cut.trial([unit]):
+            single = engine.trial(unit)
+        assert np.array_equal(single.values, scores.values)
+    assert len({s.values.tobytes() for s in batched}) == 4  # the copies really differ
+
+    engine.trials(units)
+    engine.commit(units[2])  # the third copy's activations become the cache
+    cut.cut(units[2])
+    after = engine.trials(layer.units()[4:7])
+    fresh = make_engine("staged", work, scorer, manifold, graph, adapter.stages(work))
+    fresh.baseline()
+    for got, want in zip(after, fresh.trials(layer.units()[4:7])):
+        assert np.array_equal(got.values, want.values)
+    with pytest.raises(RuntimeError, match="without its complete trial"):
+        engine.commit(units[0])  # results of a batch computed before the change are gone
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1e-4])
+def test_unit_batch_gives_the_unbatched_plan(model_and_data, alpha, caplog):
+    """alpha = 1e-4 makes most units neutral: many removals, so many results computed ahead
+    must be thrown away and recomputed."""
+    model, x, y = model_and_data
+    one = cswap.analyze(model, (x, y), samples_per_class=20, alpha=alpha, engine="staged", progress=False)
+    with caplog.at_level(logging.INFO, logger="cswap"):
+        five = cswap.analyze(model, (x, y), samples_per_class=20, alpha=alpha, engine="staged", progress=False,
+                             unit_batch=5)
+    assert five.to_json() == one.to_json()
+    thrown = int(re.search(r"(\d+) thrown away after removals", caplog.text).group(1))
+    if alpha < 0.01:
+        assert one.num_noncritical > 20 and thrown > 0
+
+
+def test_unit_batch_on_a_vit_gives_the_unbatched_plan():
+    """Heads and MLP neurons are read by linear layers on (batch, tokens, features) inputs."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, in_chans=1,
+                              embed_dim=16, depth=2, num_heads=2, mlp_ratio=2, num_classes=3).eval()
+    x, y = torch.randn(24, 1, 8, 8), torch.arange(3).repeat(8)
+    one = cswap.analyze(model, (x, y), samples_per_class=8, alpha=0.2, progress=False)
+    four = cswap.analyze(model, (x, y), samples_per_class=8, alpha=0.2, progress=False, unit_batch=4)
+    assert one.num_noncritical > 0 and four.to_json() == one.to_json()
+
+
+class _MemoryCap(nn.Module):
+    """Stands for a device that holds at most `limit` samples in a pass: larger inputs raise
+    the out-of-memory error a GPU raises."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"{x.shape[0]} samples do not fit")
+        return x
+
+
+def test_unit_batch_shrinks_when_memory_runs_out(caplog):
+    x, y = patterns(20, classes=3, size=8, seed=1)
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 4 * 4, 3))
+    body = train(body, x, y, steps=60)
+    capped = nn.Sequential(*body, _MemoryCap(limit=2 * 60))  # S is one batch of 60: two copies fit
+    one = cswap.analyze(body, (x, y), samples_per_class=20, progress=False)
+    with caplog.at_level(logging.WARNING, logger="cswap"):
+        eight = cswap.analyze(capped, (x, y), samples_per_class=20, progress=False, unit_batch=8)
+    assert "now 4 at a time" in caplog.text and "now 2 at a time" in caplog.text
+    assert [s.to_json() for s in eight.steps] == [s.to_json() for s in one.steps]
+
+
+def test_unit_batch_must_be_positive_and_exact(model_and_data):
+    from cswap.config import PruningConfig
+    from cswap.errors import ConfigError
+    from cswap.fast import FastOptions
+    from cswap.pruner import progressive_prune
+
+    assert PruningConfig(unit_batch="auto").unit_batch == "auto"
+    with pytest.raises(ValueError, match="at least 1"):
+        PruningConfig(unit_batch=0)
+    model, x, y = model_and_data
+    adapter, graph, manifold, scorer = _engine_parts(model, x, y)
+    with pytest.raises(ConfigError, match="cannot be combined with pruning.fast"):
+        progressive_prune(model, graph, manifold, scorer, cswap.registry.create("tests", "paired_t", {}),
+                          adapter="resnet", stages=adapter.stages, unit_batch=4,
+                          fast=FastOptions(group_testing=True))
