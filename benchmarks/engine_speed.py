@@ -8,7 +8,9 @@ Debian's dataset-fashion-mnist, briefly trained here, seeded): `full` (a whole f
 per unit: the naive reference), `staged` (cached prefix, bitwise-equal scores) and `delta`
 (plus the first reader's rank-one update). It asserts that the staged plan is byte-identical
 to the naive one and that the delta plan makes the same decisions, prints the unavoidable MAC
-share (cswap/bound.py) beside the measured time ratios, and a scaling series. Results go to
+share (cswap/bound.py) beside the measured time ratios, and a scaling series. Options add
+the staged engine with several units per pass (`--unit-batches`) and the causal baselines
+C-BP and AMP on both engines (`--baselines cbp,amp`). Results go to
 docs/results/engine_speed.json and are quoted in docs/results/performance.md.
 """
 from __future__ import annotations
@@ -62,13 +64,26 @@ def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> 
     return model.eval()
 
 
-def analysis(model, samples_per_class: int, engine: str, seed: int = 0, unit_batch: int = 1):
+def _setup(model, samples_per_class: int, seed: int):
     _, adapter = resolve_adapter("auto", model)
     x, y = fashion("train", 20000, seed + 1)
     task = registry.create("tasks", "classification",
                            {"dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train"},
                            tensors={"train": (x, y)})
-    graph = adapter.units(model, x[:1])
+    return adapter, task, adapter.units(model, x[:1])
+
+
+def baseline(model, samples_per_class: int, name: str, engine: str, seed: int = 0):
+    """A causal baseline criterion (cbp, amp) with the given engine: its plan and seconds."""
+    adapter, task, graph = _setup(model, samples_per_class, seed)
+    criterion = registry.create("criteria", name, {"engine": engine}, adapter="resnet", stages=adapter.stages)
+    t0 = time.perf_counter()
+    plan = criterion.plan(model, graph, task, seed)
+    return plan, time.perf_counter() - t0
+
+
+def analysis(model, samples_per_class: int, engine: str, seed: int = 0, unit_batch: int = 1):
+    adapter, task, graph = _setup(model, samples_per_class, seed)
     manifold = task.manifold(seed)
     scorer = registry.create("scorers", "class_probability")
     test = registry.create("tests", "paired_t", {})
@@ -87,6 +102,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "docs/results/engine_speed.json")
     p.add_argument("--engines", default="full,staged,delta", help="full (the naive reference) always runs")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--baselines", default="", help="e.g. cbp,amp: also time these causal baselines with "
+                   "the full and the staged engine (asserted to give the same plan), at each M_k")
     p.add_argument("--unit-batches", default="", help="e.g. 4,8: also the staged engine evaluating that many "
                    "units per pass (pruning.unit_batch), asserted to give the staged plan")
     p.add_argument("--weights", type=Path, help="state dict of the ResNet-20 instead of training it "
@@ -138,6 +155,15 @@ def main() -> None:
             row.setdefault("unit_batch", []).append({"k": k, "seconds": secs, "plan_identical": same,
                                                      "speedup_vs_staged": times["staged"] / secs})
             print(f"M_k={mk:4d} staged, unit_batch {k}: {secs:8.1f} s (plan identical)", flush=True)
+        for name in [n for n in args.baselines.split(",") if n]:
+            timed = {engine: baseline(model, mk, name, engine) for engine in ("full", "auto")}
+            same = [st.to_json() for st in timed["full"][0].steps] == [st.to_json() for st in timed["auto"][0].steps]
+            assert same and timed["auto"][0].meta["engine"] == "Staged", f"{name}: the staged engine changed the plan"
+            row.setdefault("baselines", {})[name] = {
+                "seconds_full": timed["full"][1], "seconds_staged": timed["auto"][1], "plan_identical": same,
+                "speedup": timed["full"][1] / timed["auto"][1]}
+            print(f"M_k={mk:4d} {name}: full {timed['full'][1]:.1f} s, staged {timed['auto'][1]:.1f} s "
+                  f"({timed['full'][1] / timed['auto'][1]:.2f}x, same plan)", flush=True)
         result["runs"].append(row)
         _save(args.out, result)  # after every setting: a long run is never lost
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "seconds"}))

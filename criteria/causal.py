@@ -31,11 +31,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cswap.causal import CRITICAL
+from cswap.engine import make_engine
 from cswap.errors import ModelError
 from cswap.fast import FastOptions
-from cswap.interfaces import Criterion, Task
+from cswap.interfaces import Criterion, Manifold, Scores, ScoringFunction, Task
 from cswap.plan import PROGRESSIVE, RANKED, PlanStep, PruningPlan
-from cswap.pruner import ScoreEvaluator, progressive_prune
+from cswap.pruner import progressive_prune
 from cswap.units import Intervention, UnitGraph
 
 from .base import RankingCriterion, RankingOptions, manifold_on, normalize_layer, task_scorer_and_test
@@ -83,19 +84,23 @@ class CBPCriterion(_CausalContext, RankingCriterion):
 
     class Options(RankingOptions):
         order: Literal["categories", "xi"] = "categories"
+        engine: str = Field("auto", description="engine of the trials (staged when the adapter has stages: "
+                            "bitwise the same scores)")
         test: dict = Field(default_factory=dict, description="options of the task's significance test")
 
     def plan(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> PruningPlan:
         scorer, test = task_scorer_and_test(task, self.context, self.options.test)
         work = copy.deepcopy(model).to(self.device).eval()
         cut = Intervention(work, units)
-        sigma_of = ScoreEvaluator(scorer, task.manifold(seed), self.device)
-        base = sigma_of(work)
+        stages = self.context.get("stages")
+        sigma_of = make_engine(self.options.engine, work, scorer, task.manifold(seed), units,
+                               stages(work) if stages else None, self.device)
+        base = sigma_of.baseline()
         all_units = [u for layer in units.layers for u in layer.units()]
         stars = []
         for unit in tqdm(all_units, desc="cbp", unit="unit", disable=not self.progress):
             with cut.trial([unit]):
-                stars.append(sigma_of(work).values)
+                stars.append(sigma_of.trial(unit).values)
         decisions = test.decide(base.values, np.stack(stars), base.groups)
         xi = {u: d.xi for u, d in zip(all_units, decisions)}
         if self.options.normalize == "layer":
@@ -116,11 +121,16 @@ class CBPCriterion(_CausalContext, RankingCriterion):
         counts = Counter(d.category for d in decisions)
         return PruningPlan.build(model, units, steps, method=self.name, adapter=self.adapter, meta={
             "seed": seed, "options": self.options.model_dump(), "forward_passes": sigma_of.passes,
+            "engine": type(sigma_of).__name__,
             "categories": {k: counts.get(k, 0) for k in ("neutral", "detrimental", "critical")}})
 
 
 class AMPCriterion(_CausalContext, Criterion):
-    """Adapted Mechanistic Pruning: progressive, removal when the damage is below tau, no test."""
+    """Adapted Mechanistic Pruning: progressive, removal when the damage is below tau, no test.
+
+    Its trials run on the same engines as C-SWAP's (staged when the adapter has a stage
+    chain); the metric is a mean over per-sample values, so it is a scoring function there.
+    """
 
     name = "amp"
 
@@ -129,14 +139,17 @@ class AMPCriterion(_CausalContext, Criterion):
         metric: Literal["kl", "mean_sigma"] = "kl"
         tau: float = Field(0.01, ge=0, description="remove a unit when its cut raises the metric by less")
         shuffle_units: bool = True
+        engine: str = Field("auto", description="engine of the trials (staged when the adapter has stages: "
+                            "bitwise the same metric)")
 
     def plan(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> PruningPlan:
         o = self.options
         work = copy.deepcopy(model).to(self.device).eval()
         cut = Intervention(work, units)
-        manifold = manifold_on(task, seed, self.device)
-        metric = self._metric(work, manifold, task)
-        current = metric(work)
+        scorer, manifold, metric = self._metric(work, manifold_on(task, seed, self.device), task)
+        stages = self.context.get("stages")
+        sigma_of = make_engine(o.engine, work, scorer, manifold, units, stages(work) if stages else None, self.device)
+        current = metric(sigma_of.baseline())
         rng = np.random.default_rng(seed)
         removed, kept = [], []
         for layer in tqdm(units.layers, desc="amp", unit="layer", disable=not self.progress):
@@ -148,11 +161,12 @@ class AMPCriterion(_CausalContext, Criterion):
                 if remaining == 1:
                     break
                 with cut.trial([unit]):
-                    after = metric(work)
+                    after = metric(sigma_of.trial(unit))
                 damage = after - current
                 step = PlanStep(unit, PROGRESSIVE, score=float(damage))
                 if damage < o.tau:
                     cut.cut(unit)
+                    sigma_of.commit(unit)
                     current, remaining = after, remaining - 1
                     step.category = "removed"
                     removed.append(step)
@@ -161,27 +175,31 @@ class AMPCriterion(_CausalContext, Criterion):
                     kept.append(step)
         kept.sort(key=lambda s: s.score)
         return PruningPlan.build(model, units, removed + kept, method=self.name, adapter=self.adapter, meta={
-            "seed": seed, "options": o.model_dump(),
+            "seed": seed, "options": o.model_dump(), "engine": type(sigma_of).__name__,
             "categories": {"removed": len(removed), "kept": len(kept)}})
 
-    def _metric(self, work: nn.Module, manifold, task: Task):
-        """metric(model) -> float, lower is better; 0 for the original network under `kl`."""
+    def _metric(self, work: nn.Module, manifold: Manifold, task: Task):
+        """The per-sample scoring function, the sample set it reads (under `kl` the targets are
+        the original network's log-probabilities) and metric(scores) -> float, lower is better
+        (0 for the original network under `kl`)."""
         if self.options.metric == "mean_sigma":
             scorer, _ = task_scorer_and_test(task, self.context, {})
-            sigma_of = ScoreEvaluator(scorer, manifold, self.device)
-            return lambda m: -float(sigma_of(m).values.mean())
+            return scorer, manifold, lambda scores: -float(scores.values.mean())
+        with torch.no_grad():
+            outs = [work(x) for x, _ in manifold]
+        if any(not torch.is_tensor(o) or o.dim() != 2 for o in outs):
+            raise ModelError("amp metric 'kl' needs class logits (N, C); use metric: mean_sigma")
+        reference = Manifold([(x, torch.log_softmax(o.double(), dim=1)) for (x, _), o in zip(manifold, outs)],
+                             manifold.class_counts)
+        return _KLToReference(), reference, lambda scores: float(torch.from_numpy(scores.values).mean())
 
-        @torch.no_grad()
-        def log_probs(m):
-            outs = [m(x) for x, _ in manifold]
-            if any(o.dim() != 2 for o in outs):
-                raise ModelError("amp metric 'kl' needs class logits (N, C); use metric: mean_sigma")
-            return torch.log_softmax(torch.cat(outs).double(), dim=1)
 
-        reference = log_probs(work)
+class _KLToReference(ScoringFunction):
+    """KL(original || network) per sample; the targets are the original's log-probabilities."""
 
-        def kl(m) -> float:
-            lp = log_probs(m)
-            return float((reference.exp() * (reference - lp)).sum(dim=1).mean())
+    name = "kl_to_reference"
 
-        return kl
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> Scores:
+        log_probs = torch.log_softmax(outputs.double(), dim=1)
+        kl = (targets.exp() * (targets - log_probs)).sum(dim=1)
+        return Scores(kl.cpu().numpy(), np.zeros(len(kl), dtype=np.int64))

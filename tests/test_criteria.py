@@ -138,6 +138,20 @@ def test_cbp_puts_non_critical_units_first_and_orders_by_xi(resnet_case):
     assert xi == sorted(xi, reverse=True)
 
 
+@pytest.mark.parametrize("name, options", [("cbp", {}), ("amp", {"tau": 1e-3}), ("amp", {"metric": "mean_sigma", "tau": 1e-4})])
+def test_causal_baselines_on_the_staged_engine_give_the_full_forward_plan(resnet_case, name, options):
+    from adapters.resnet import ResNetAdapter
+
+    model, task, graph = resnet_case
+    plans = {engine: registry.create("criteria", name, {**options, "engine": engine}, adapter="resnet",
+                                     stages=ResNetAdapter().stages).plan(model, graph, task, seed=0)
+             for engine in ("auto", "full")}
+    assert plans["auto"].meta["engine"] == "Staged" and plans["full"].meta["engine"] == "FullForward"
+    assert [s.to_json() for s in plans["auto"].steps] == [s.to_json() for s in plans["full"].steps]
+    if name == "amp":  # removals happened, so the engine's cache was updated along the way
+        assert 0 < plans["auto"].meta["categories"]["removed"] < graph.num_units - len(graph.layers)
+
+
 def test_amp_threshold_controls_removal(resnet_case):
     model, task, graph = resnet_case
     everything = make("amp", tau=1e9).plan(model, graph, task, seed=0)
