@@ -41,6 +41,7 @@ from engine_speed import fashion, fit, quick_train  # noqa: E402
 MODES = {
     "exact": {},
     "sequential": {"sequential": True},
+    "sequential(8 looks)": {"sequential": True, "looks": 8},
     "group+taylor": {"group_testing": True, "taylor_order": True},
     "group+taylor+sequential": {"group_testing": True, "taylor_order": True, "sequential": True},
     "group(non-critical)+taylor": {"group_testing": True, "taylor_order": True, "group_accept": "non_critical"},
