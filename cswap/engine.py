@@ -153,8 +153,8 @@ class Staged(FullForward):
             self.first_reader[layer.name] = (first[0], first[1], first[3])
         self._originals = {p: params[p].detach().clone() for _, p, _ in self.first_reader.values()} if delta else {}
         # every module reading each layer, with the input features it reads per channel
-        self.readers = {layer.name: [(model.get_submodule(p.rpartition(".")[0]), dim, idx) for p, dim, idx in layer.reads]
-                        for layer in graph.layers}
+        self.readers = {layer.name: [(model.get_submodule(p.rpartition(".")[0]), dim, idx)
+                                     for p, dim, idx in layer.reads] for layer in graph.layers}
         with torch.no_grad():
             self._batchable_output = isinstance(self.model(self.probe[:1]), torch.Tensor)
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage

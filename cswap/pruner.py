@@ -35,21 +35,6 @@ from .units import Intervention, Unit, UnitGraph
 log = logging.getLogger("cswap")
 
 
-class ScoreEvaluator:
-    """sigma of any network on S by full forward passes (for criteria that score many models)."""
-
-    def __init__(self, scorer: ScoringFunction, manifold: Manifold, device: torch.device | str = "cpu"):
-        self._engine = FullForward(None, scorer, manifold, device)
-
-    @property
-    def passes(self) -> int:
-        return self._engine.passes
-
-    def __call__(self, model: nn.Module) -> Scores:
-        self._engine.model = model
-        return self._engine.baseline()
-
-
 def progressive_prune(model: nn.Module, graph: UnitGraph, manifold: Manifold, scorer: ScoringFunction,
                       test: SignificanceTest, **kwargs) -> PruningPlan:
     """Algorithm 1 (see `_progressive`), restarted with half the batch size when the device
@@ -120,7 +105,8 @@ def _progressive(
     started = time.perf_counter()
     fast = fast or FastOptions()
     if fast.enabled and unit_batch not in (1, "auto"):
-        raise ConfigError("pruning.unit_batch batches exact single-unit trials; it cannot be combined with pruning.fast")
+        raise ConfigError("pruning.unit_batch batches exact single-unit trials; "
+                          "it cannot be combined with pruning.fast")
     work = copy.deepcopy(model).to(device).eval()
     cut = Intervention(work, graph)
     marks: list[int] = []

@@ -138,7 +138,8 @@ def test_cbp_puts_non_critical_units_first_and_orders_by_xi(resnet_case):
     assert xi == sorted(xi, reverse=True)
 
 
-@pytest.mark.parametrize("name, options", [("cbp", {}), ("amp", {"tau": 1e-3}), ("amp", {"metric": "mean_sigma", "tau": 1e-4})])
+@pytest.mark.parametrize("name, options", [
+    ("cbp", {}), ("amp", {"tau": 1e-3}), ("amp", {"metric": "mean_sigma", "tau": 1e-4})])
 def test_causal_baselines_on_the_staged_engine_give_the_full_forward_plan(resnet_case, name, options):
     from adapters.resnet import ResNetAdapter
 
