@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Sequence
 
 import torch
 import torch_pruning as tp
@@ -20,31 +21,60 @@ def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example_inputs: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time of one forward pass in milliseconds (synchronised on CUDA)."""
-    was_training = model.training
-    model.eval()
+def latencies_ms(models: Sequence[nn.Module], example_inputs: torch.Tensor, repeats: int = 20,
+                 warmup: int = 3, min_seconds: float = 1.0) -> list[float]:
+    """Median wall time of one forward pass of each model, in milliseconds (synchronised on CUDA).
+
+    The models are timed in turns, one pass of each per round, so a change of machine load
+    during the measurement (another process, frequency scaling) hits all of them alike and the
+    ratio between them stays meaningful on a shared machine. At least `repeats` rounds, and
+    more (up to 50x) while the rounds have taken less than `min_seconds`: small models are
+    timed many times at little cost, where a few passes would leave the median to noise.
+    """
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     sync = torch.cuda.synchronize if example_inputs.is_cuda else (lambda: None)
     for _ in range(warmup):
-        model(example_inputs)
+        for m in models:
+            m(example_inputs)
     sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(example_inputs)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was_training)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in models]
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - started < min_seconds and rounds < 50 * repeats):
+        rounds += 1
+        for m, t in zip(models, times):
+            t0 = time.perf_counter()
+            m(example_inputs)
+            sync()
+            t.append((time.perf_counter() - t0) * 1e3)
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return [statistics.median(t) for t in times]
+
+
+def latency_ms(model: nn.Module, example_inputs: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass in milliseconds (synchronised on CUDA)."""
+    return latencies_ms([model], example_inputs, repeats, warmup)[0]
+
+
+def compare_costs(models: Sequence[nn.Module], example_inputs: torch.Tensor, batch: int = 32,
+                  repeats: int = 20) -> list[dict]:
+    """Parameters, MACs per sample, and median latency at batch 1 and at `batch` of each model,
+    the latencies measured in turns (see `latencies_ms`)."""
+    one = example_inputs[:1]
+    many = one.expand(batch, *one.shape[1:]).contiguous()
+    single = latencies_ms(models, one, repeats)
+    batched = latencies_ms(models, many, max(5, repeats // 2))
+    return [{
+        "params": sum(p.numel() for p in m.parameters()),
+        "macs": count_macs(m, one),
+        "latency_ms_batch1": round(a, 4),
+        f"latency_ms_batch{batch}": round(b, 4),
+    } for m, a, b in zip(models, single, batched)]
 
 
 def model_costs(model: nn.Module, example_inputs: torch.Tensor, batch: int = 32, repeats: int = 20) -> dict:
     """Parameters, MACs per sample, and median latency at batch 1 and at `batch`."""
-    one = example_inputs[:1]
-    many = one.expand(batch, *one.shape[1:]).contiguous()
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "macs": count_macs(model, one),
-        "latency_ms_batch1": round(latency_ms(model, one, repeats), 4),
-        f"latency_ms_batch{batch}": round(latency_ms(model, many, max(3, repeats // 4)), 4),
-    }
+    return compare_costs([model], example_inputs, batch, repeats)[0]

@@ -22,7 +22,7 @@ from .build import build_model, build_scorer, build_task, build_test, resolve_ad
 from .config import RunConfig, dump_config, parse_config
 from .errors import ConfigError, CSwapError, DataError, ModelError
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
-from .metrics import model_costs
+from .metrics import compare_costs
 from .plan import PruningPlan
 from .pruner import progressive_prune
 from .units import Intervention, UnitGraph
@@ -182,7 +182,7 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
 
     model = model.to(device)
     costs = dict(repeats=cfg.output.latency_repeats, batch=cfg.output.latency_batch)
-    before = {**task.evaluate(model, device), **model_costs(model, x.to(device), **costs)} if out else {}
+    before = task.evaluate(model, device) if out else {}
 
     def checkpoint(state: dict) -> None:
         write_text_atomic(out / STATE_FILE, json.dumps(state) + "\n")
@@ -204,7 +204,11 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
     k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
     pruned = plan.apply_prefix(model, k, adapter=adapter)
     diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
-    after = {**task.evaluate(pruned, device), **model_costs(pruned, x.to(device), **costs)}
+    after = task.evaluate(pruned, device)
+    # timed in turns, so the two latencies see the same machine load
+    cost_before, cost_after = compare_costs([model, pruned], x.to(device), **costs)
+    before.update(cost_before)
+    after.update(cost_after)
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
     return {
         "model": f"{cfg.model.source}:{cfg.model.name}",

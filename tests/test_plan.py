@@ -81,3 +81,17 @@ def test_schema_is_checked(tmp_path):
     (tmp_path / "p.json").write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="schema"):
         cswap.PruningPlan.load(tmp_path / "p.json")
+
+
+def test_costs_time_the_models_in_turns_and_rank_them():
+    from torch import nn
+
+    from cswap.metrics import compare_costs
+
+    small = nn.Sequential(nn.Linear(64, 8)).eval()
+    big = nn.Sequential(*[nn.Linear(64, 64) for _ in range(50)], nn.Linear(64, 8)).train()
+    big_costs, small_costs = compare_costs([big, small], torch.randn(4, 64), batch=8, repeats=5)
+    assert big.training and not small.training  # each model's mode is given back
+    assert big_costs["macs"] > 40 * small_costs["macs"]
+    assert big_costs["latency_ms_batch1"] > small_costs["latency_ms_batch1"]
+    assert big_costs["latency_ms_batch8"] > small_costs["latency_ms_batch8"]
