@@ -135,16 +135,19 @@ class Staged(FullForward):
         for i, stage in enumerate(self.stages):
             for m in stage.modules():
                 owner.setdefault(m, i)
-        order, calls = self._execution_order()
+        order, calls, probe_output = self._execution_order()
         # modules whose output can be cached: weighted, called once per forward
         self.cacheable = {m for m in order if isinstance(m, self._WEIGHTED) and calls[m] == 1}
         self.stage_modules = [[m for m in sorted(stage.modules(), key=lambda m: order.get(m, -1))
                                if m in self.cacheable] for stage in self.stages]
         self.first_stage: dict[str, int] = {}
         self.first_reader: dict[str, tuple[nn.Module, int, torch.Tensor | None]] = {}
+        # every module reading each layer, with the input features it reads per channel
+        self.readers: dict[str, list[tuple[nn.Module, int, list[list[int]]]]] = {}
         params = dict(model.named_parameters())
         for layer in graph.layers:
             readers = [(model.get_submodule(p.rpartition(".")[0]), p, dim, idx) for p, dim, idx in layer.reads]
+            self.readers[layer.name] = [(r, dim, idx) for r, _, dim, idx in readers]
             missing = [p for r, p, _, _ in readers if r not in owner]
             if missing:
                 raise ValueError(f"stages do not contain the readers of layer {layer.name}: {missing[0]}")
@@ -152,17 +155,15 @@ class Staged(FullForward):
             self.first_stage[layer.name] = owner[first[0]]
             self.first_reader[layer.name] = (first[0], first[1], first[3])
         self._originals = {p: params[p].detach().clone() for _, p, _ in self.first_reader.values()} if delta else {}
-        # every module reading each layer, with the input features it reads per channel
-        self.readers = {layer.name: [(model.get_submodule(p.rpartition(".")[0]), dim, idx)
-                                     for p, dim, idx in layer.reads] for layer in graph.layers}
-        with torch.no_grad():
-            self._batchable_output = isinstance(self.model(self.probe[:1]), torch.Tensor)
+        self._batchable_output = isinstance(probe_output, torch.Tensor)  # copies are split along its dim 0
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage
         self.outputs: list[dict[nn.Module, torch.Tensor]] = []  # per batch: cached module outputs
         self._pending = None
 
     @torch.no_grad()
-    def _execution_order(self) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
+    def _execution_order(self) -> tuple[dict[nn.Module, int], dict[nn.Module, int], object]:
+        """Order of first call and number of calls of every module, and the model's output, for
+        one sample."""
         order: dict[nn.Module, int] = {}
         calls: dict[nn.Module, int] = {}
 
@@ -172,11 +173,11 @@ class Staged(FullForward):
 
         hooks = [m.register_forward_hook(record) for m in self.model.modules()]
         try:
-            self.model(self.probe[:1])
+            output = self.model(self.probe[:1])
         finally:
             for h in hooks:
                 h.remove()
-        return order, calls
+        return order, calls, output
 
     @torch.no_grad()
     def check_equals_forward(self) -> bool:
@@ -237,10 +238,8 @@ class Staged(FullForward):
         if any(u.layer != layer for u in units):
             raise ValueError("a joint trial takes units of one layer")
         self.passes += 1
-        start = self.first_stage[layer]
+        start, replace = self._start_and_cached(layer)
         reader, pname, idx_lists = self.first_reader[layer]
-        reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
-        replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
         if self.delta and self._delta_ok(reader):
             idx = torch.as_tensor([i for u in units for i in idx_lists[u.channel]], device=self.probe.device)
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
@@ -272,15 +271,21 @@ class Staged(FullForward):
             raise ValueError(f"units {units[0]}.. cannot be evaluated together")
         k = len(units)
         self.passes += k
-        start = self.first_stage[layer]
-        reader, _, _ = self.first_reader[layer]
-        reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
-        replace = {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
-        masks = [(m, _cut_copies(k, [idx[u.channel] for u in units], m)) for m, _, idx in self.readers[layer]]
+        start, replace = self._start_and_cached(layer)
+        masks = [(m, _cut_copies(k, [idx[u.channel] for u in units], m, self.probe.device))
+                 for m, _, idx in self.readers[layer]]
         outputs, inputs, module_outputs = self._run(start, replace, copies=k, masks=masks)
         self._pending = ([[u] for u in units], start, inputs, module_outputs)
         return [self._scores([out[j * len(x):(j + 1) * len(x)] for out, (x, _) in zip(outputs, self.batches)],
                              self.targets) for j in range(k)]
+
+    def _start_and_cached(self, layer: str) -> tuple[int, dict[nn.Module, object]]:
+        """The stage a cut of `layer` starts changing, and the modules of that stage that run
+        before the first reader, with their cached outputs (a cut cannot change them)."""
+        start = self.first_stage[layer]
+        reader = self.first_reader[layer][0]
+        reuse = [m for m in self.stage_modules[start] if m is not reader and self._runs_before(m, reader, start)]
+        return start, {m: (lambda b, m=m: self.outputs[b][m]) for m in reuse}
 
     def _runs_before(self, m: nn.Module, reader: nn.Module, stage: int) -> bool:
         mods = self.stage_modules[stage]
@@ -336,21 +341,22 @@ def _tile(t: torch.Tensor, copies: int) -> torch.Tensor:
     return t if copies == 1 else t.repeat(copies, *([1] * (t.dim() - 1)))
 
 
-def _cut_copies(copies: int, features: Sequence[Sequence[int]], reader: nn.Module):
+def _cut_copies(copies: int, features: Sequence[Sequence[int]], reader: nn.Module, device):
     """Forward pre-hook zeroing, in copy j of a stacked batch, the input features `features[j]`
     of `reader` (a Conv2d reads them on dim 1, a Linear on the last dim). A new tensor: the
     input may also flow elsewhere (a residual path) and must stay intact there."""
     width = reader.in_features if isinstance(reader, nn.Linear) else reader.in_channels
-    keep = torch.ones(copies, width, dtype=torch.bool)
+    cut_away = torch.zeros(copies, width, dtype=torch.bool)
     for j, idx in enumerate(features):
-        keep[j, list(idx)] = False
+        cut_away[j, list(idx)] = True
+    cut_away = cut_away.to(device)  # once, not on every call
 
     def hook(module, args):
         x = args[0]
         stacked = x.view(copies, x.shape[0] // copies, *x.shape[1:])
         shape = [copies] + [1] * (x.dim())
         shape[-1 if isinstance(reader, nn.Linear) else 2] = width
-        cut = stacked.masked_fill(~keep.to(x.device).view(shape), 0.0)
+        cut = stacked.masked_fill(cut_away.view(shape), 0.0)
         return (cut.view(x.shape), *args[1:])
     return hook
 
