@@ -17,20 +17,54 @@ from .interfaces import ArchitectureAdapter, SignificanceTest, ScoringFunction, 
 log = logging.getLogger("cswap")
 
 
+# timm arguments that fetch or read weights and configs (from the Hugging Face Hub or a file)
+_TIMM_LOADERS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
+
+
+def check_offline(cfg: ModelConfig) -> None:
+    """Refuse model names and arguments that would download or read anything but the
+    configured `model.weights` (nothing is downloaded, README): timm's `hf-hub:` names and
+    weight arguments, torchvision's `weights*` arguments."""
+    if cfg.source == "timm":
+        if ":" in cfg.name:
+            raise ConfigError(
+                f"model.name {cfg.name!r}: timm names with a source prefix ({cfg.name.split(':')[0]}:) load the "
+                "model from the Hugging Face Hub or a folder; C-SWAP downloads nothing. Name a timm architecture "
+                "(e.g. resnet18) and give its weights as a local file in model.weights")
+        bad = sorted(set(cfg.kwargs) & set(_TIMM_LOADERS))
+    elif cfg.source == "torchvision":
+        bad = sorted(k for k in cfg.kwargs if k.startswith("weights") and cfg.kwargs[k] is not None)
+    else:
+        return
+    if bad:
+        raise ConfigError(f"model.kwargs {bad} would load weights through {cfg.source}; C-SWAP downloads nothing, "
+                          "give a local state dict in model.weights instead")
+
+
+def _torchvision_model(name: str, kwargs: dict) -> nn.Module:
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs = {"weights_backbone": None, **kwargs}  # detectors default to an ImageNet download
+    return builder(weights=None, **kwargs)
+
+
 def build_model(cfg: ModelConfig, *, random_if_missing: bool = False) -> tuple[nn.Module, str]:
     """The model with its weights, and a note saying where the weights came from."""
+    check_offline(cfg)
     try:
         if cfg.source == "cswap":
             model = registry.load("models", cfg.name)(**cfg.kwargs)
         elif cfg.source == "torchvision":
-            import torchvision
-
-            model = torchvision.models.get_model(cfg.name, weights=None, **cfg.kwargs)
+            model = _torchvision_model(cfg.name, cfg.kwargs)
         else:
             import timm
 
             model = timm.create_model(cfg.name, pretrained=False, **cfg.kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise ModelError(f"cannot build {cfg.source} model {cfg.name!r} with {cfg.kwargs}: {exc}") from exc
     if cfg.weights is None:
         return model.eval(), "random initialisation (no weights given)"

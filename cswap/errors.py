@@ -1,4 +1,5 @@
-"""Errors a user can act on. The CLI prints their message and exits non-zero, no traceback."""
+"""Errors a user can act on. The CLI prints their message on one line and exits with status 2,
+no traceback (`--debug` shows it)."""
 
 
 class CSwapError(Exception):
@@ -23,3 +24,24 @@ class NumericalError(CSwapError):
 
 class ResourceError(CSwapError):
     """The device cannot hold even the smallest batch the analysis needs."""
+
+
+class OutputError(CSwapError):
+    """A run directory or file cannot be written: a file in the way, no permission, a full
+    disk, a directory locked by another run, or recorded work that would be thrown away."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a run. A KeyboardInterrupt, so no `except Exception` swallows
+    it and every `finally` runs (the analysis state is saved on the way out)."""
+
+    def __init__(self, signum: int, partial=None):
+        import signal
+
+        self.signum = signum
+        self.partial = partial  # the resumable `<run>.partial`, once the run has one
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

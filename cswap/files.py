@@ -1,33 +1,74 @@
 """Atomic file writes and safe checkpoint loading.
 
 A file is written to a temporary name in the same folder and renamed into place, so a crash
-never leaves a half-written plan or model that looks complete.
+never leaves a half-written plan or model that looks complete. A write that fails (no
+permission, a full disk) is an `OutputError` naming the file, never a half-file.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
 
-from .errors import ModelError
+from .errors import ModelError, OutputError
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; os.umask sets it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for an OSError or a torch writer's RuntimeError (e.g. a full disk)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _atomic(path: str | Path, write) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {describe_os_error(exc)}") from exc
+    try:
+        # mkstemp creates 0600; the file gets the permissions any other file would (umask)
+        os.chmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)):  # torch's writer reports a full disk as RuntimeError
+            raise OutputError(f"cannot write {path}: {describe_os_error(exc)}") from exc
         raise
     return path
+
+
+def remove_leftover_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporaries that a killed `_atomic` writer left in `folder` (only call it while
+    no writer is active there, e.g. under the run directory's lock)."""
+    gone = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp)
+    return gone
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -47,12 +88,7 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as exc:
-        if not allow_pickle and "weights_only" in str(exc):
-            raise ModelError(
-                f"checkpoint {path} needs full pickle to load, which can run arbitrary code; "
-                "set model.allow_pickle: true only if you trust its source"
-            ) from exc
-        raise ModelError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise ModelError(_unreadable(path, exc, allow_pickle)) from exc
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     for key in ("state_dict", "model", "model_state_dict"):
@@ -62,3 +98,21 @@ def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:
     if not isinstance(obj, dict):
         raise ModelError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _unreadable(path: Path, exc: Exception, allow_pickle: bool) -> str:
+    """Why `torch.load` failed, in one line: a checkpoint that needs full pickle (it names
+    globals outside the weights-only allow-list) is told apart from a file that is not a
+    checkpoint at all, which no option would load."""
+    text = str(exc)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    archive, pickle = zipfile.is_zipfile(path), head.startswith(b"\x80")
+    if not allow_pickle and "Weights only load failed" in text and (archive or pickle):
+        needed = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        needed = needed.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+        return (f"checkpoint {path} needs full pickle to load{f' ({needed})' if needed else ''}, which can run "
+                "arbitrary code; set model.allow_pickle: true only if you trust its source")
+    if archive or pickle or head == b"PK":
+        return f"cannot read checkpoint {path} (truncated or corrupt?): {describe_os_error(exc)}"
+    return f"checkpoint {path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"

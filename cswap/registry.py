@@ -4,11 +4,20 @@ The core never imports a plugin module by name: tasks, scorers, significance tes
 criteria and model builders are found through the entry-point groups below, so a package
 installed beside ours (or a `*.dist-info` folder on `sys.path`) extends C-SWAP without any
 change here, and a config can only name code that some installed distribution registered.
+
+A name is resolved over every distribution on `sys.path`, not only the first one found
+(`importlib.metadata.entry_points` keeps one distribution per name, so a `cswap-*.dist-info`
+in the current directory would hide ours under `python -m cswap`). C-SWAP's own
+distribution, the one installed from this source tree, always wins a clash; two other
+distributions registering one name differently is an error naming both.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
+from functools import lru_cache
+from importlib.metadata import Distribution, EntryPoint, distributions
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -40,12 +49,73 @@ def _group(kind: str) -> str:
     return GROUPS[kind]
 
 
-def available(kind: str) -> dict[str, EntryPoint]:
-    """Entry points of one kind, by name. A name registered twice keeps the first found."""
-    found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=_group(kind)):
-        found.setdefault(ep.name, ep)
-    return dict(sorted(found.items()))
+log = logging.getLogger("cswap")
+
+
+class PluginClashError(ConfigError):
+    """Two distributions other than C-SWAP's own register one plugin name differently."""
+
+
+@dataclass(frozen=True)
+class _Clash:
+    """Stands in `available()` for a name two distributions register differently; `load`
+    raises, listing continues."""
+
+    name: str
+    sources: tuple[str, ...]
+
+    @property
+    def value(self) -> str:
+        return "CLASH: " + " vs ".join(self.sources)
+
+
+@lru_cache(maxsize=None)
+def _source_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def _is_builtin(dist: Distribution) -> bool:
+    """C-SWAP's own distribution: named cswap and installed from this source tree (its
+    metadata beside our packages, or an editable install pointing here)."""
+    if (dist.metadata["Name"] or "").lower() != "cswap":
+        return False
+    if Path(str(dist.locate_file(""))).resolve() == _source_root():
+        return True
+    direct = dist.read_text("direct_url.json") or ""
+    return f'"file://{_source_root()}"' in direct.replace(" ", "")
+
+
+def _where(dist: Distribution | None) -> str:
+    if dist is None:
+        return "?"
+    return f"{dist.metadata['Name']} {dist.version} at {dist.locate_file('')}"
+
+
+def available(kind: str) -> dict[str, EntryPoint | _Clash]:
+    """Entry points of one kind, by name, over all distributions (see the module docstring):
+    the built-in one when C-SWAP registers the name, else the only one, else a `_Clash`."""
+    found: dict[str, list[tuple[EntryPoint, bool]]] = {}
+    group = _group(kind)
+    for dist in distributions():
+        if group not in (dist.read_text("entry_points.txt") or ""):  # cheap: most distributions have none
+            continue
+        builtin = _is_builtin(dist)
+        for ep in dist.entry_points.select(group=group):
+            found.setdefault(ep.name, []).append((ep, builtin))
+    chosen: dict[str, EntryPoint | _Clash] = {}
+    for name, candidates in found.items():
+        own = [ep for ep, builtin in candidates if builtin]
+        values = {ep.value for ep, _ in candidates}
+        if own:
+            chosen[name] = own[0]
+            for ep, builtin in candidates:
+                if not builtin and ep.value != own[0].value:
+                    log.debug("plugin %s %r of %s ignored: the built-in one wins", kind, name, _where(ep.dist))
+        elif len(values) == 1:
+            chosen[name] = candidates[0][0]
+        else:
+            chosen[name] = _Clash(name, tuple(f"{_where(ep.dist)} ({ep.value})" for ep, _ in candidates))
+    return dict(sorted(chosen.items()))
 
 
 def load(kind: str, name: str):
@@ -54,7 +124,11 @@ def load(kind: str, name: str):
     if name not in eps:
         names = ", ".join(eps) or "(none installed)"
         raise UnknownPluginError(f"unknown {kind[:-1] if kind.endswith('s') else kind} {name!r}; available: {names}")
-    return eps[name].load()
+    ep = eps[name]
+    if isinstance(ep, _Clash):
+        raise PluginClashError(f"{kind[:-1]} {name!r} is registered differently by two distributions: "
+                               f"{'; '.join(ep.sources)}; uninstall one of them")
+    return ep.load()
 
 
 def describe() -> list[PluginInfo]:
@@ -62,7 +136,7 @@ def describe() -> list[PluginInfo]:
     rows = []
     for kind in GROUPS:
         for name, ep in available(kind).items():
-            dist = ep.dist.name if ep.dist is not None else "?"
+            dist = "two distributions" if isinstance(ep, _Clash) else (ep.dist.name if ep.dist is not None else "?")
             rows.append(PluginInfo(kind, name, ep.value, dist))
     return rows
 
@@ -83,7 +157,9 @@ def create(kind: str, name: str, options: dict | None = None, **context):
         try:
             parsed = schema(**options)
         except ValidationError as exc:
-            raise ConfigError(f"invalid options for {kind[:-1]} {name!r}:\n{exc}") from exc
+            from .config import validation_summary
+
+            raise ConfigError(f"invalid options for {kind[:-1]} {name!r}: {validation_summary(exc)}") from None
         return cls(parsed, **context)
     if options:
         raise ConfigError(f"{kind[:-1]} {name!r} takes no options, got {sorted(options)}")
