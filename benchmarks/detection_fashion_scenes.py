@@ -21,6 +21,10 @@ an existing checkpoint is loaded (weights_only) and training is skipped.
     python benchmarks/detection_fashion_scenes.py --out docs/results/detection
 
 Everything is measured with one torch thread (`--threads`).
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # cswap and the repository's plugins (tasks, scorers, adapters, criteria)
 
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
+
 FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot")
 
@@ -53,6 +59,7 @@ def compose(path: Path, classes: tuple[int, ...], splits: dict[str, int], size: 
         images, boxes, labels = make_scenes(n, size=size, source="fashion_mnist", classes=classes, max_objects=3,
                                             object_sizes=(16, 32), max_overlap=0.1,
                                             fashion_split="train" if split == "train" else "test",
+                                            fashion_root=fashion_mnist_root(),
                                             seed=seed + 1000 * j)
         arrays.update({f"{split}_images": images, f"{split}_boxes": boxes, f"{split}_labels": labels})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-only", action="store_true", help="stop after composing the scenes and training")
     args = p.parse_args(argv)
+    fashion_mnist_root()  # stop now, with the setup hint, on a machine without the data
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
 

@@ -12,6 +12,10 @@ share (cswap/bound.py) beside the measured time ratios, and a scaling series. Op
 the staged engine with several units per pass (`--unit-batches`) and the causal baselines
 C-BP and AMP on both engines (`--baselines cbp,amp`). Results go to
 docs/results/engine_speed.json and are quoted in docs/results/performance.md.
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ from cswap import registry  # noqa: E402
 from cswap.bound import unavoidable_share  # noqa: E402
 from cswap.build import resolve_adapter  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
-from tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split  # noqa: E402
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
+from tasks.idx_files import load_mnist_split  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 
 
 def fashion(split: str, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = load_mnist_split(DEBIAN_FASHION_MNIST, split)
+    images, labels = load_mnist_split(fashion_mnist_root(), split)
     idx = np.random.default_rng(seed).permutation(len(labels))[:n]
     x = (torch.from_numpy(images[idx]).float() / 255 - MEAN) / STD
     return x[:, None].contiguous(), torch.from_numpy(labels[idx])
@@ -109,6 +114,7 @@ def main() -> None:
     p.add_argument("--weights", type=Path, help="state dict of the ResNet-20 instead of training it "
                    "(fast_modes.py caches the same model in runs/fast_modes/)")
     args = p.parse_args()
+    fashion_mnist_root()  # stop now, with the setup hint, on a machine without the data
     torch.set_num_threads(args.threads)
     settings = [16, 32] if args.quick else args.samples_per_class
     engines = ["full"] + [e for e in args.engines.split(",") if e in ("staged", "delta")]

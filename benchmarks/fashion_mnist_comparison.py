@@ -19,6 +19,10 @@ With --workers 4 (default) each architecture runs as two processes (table3; the 
 torch thread each, after the checkpoints exist; --workers 2: one process per architecture;
 --workers 1: serial. The report is made once all are done. Intermediate plans and per-setting caches live under
 --work (default runs/fashion_mnist_benchmark/, not committed); tables, PNGs and JSON go to --out.
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ os.chdir(REPO_ROOT)  # configs name checkpoints relative to the repository root
 
 import numpy as np
 import torch
+
+from benchmarks.datasets import fashion_mnist_root
 
 ARCHS = {
     "resnet20": {"config": "configs/fashion_mnist_resnet20_w8.yaml", "title": "ResNet-20 (width 8)",
@@ -84,7 +90,7 @@ def arch_config(arch: str, args, **task_options):
     """The arch's YAML config with the benchmark's task options (M_k, eval_limit) applied."""
     from cswap.config import load_config
 
-    cfg = load_config(ARCHS[arch]["config"])
+    cfg = load_config(ARCHS[arch]["config"], [f"task.options.root={fashion_mnist_root()}"])
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": checkpoint(arch, args)})})
     options = {**cfg.task.options, "samples_per_class": args.samples_per_class, "eval_limit": args.eval_limit,
                **task_options}
@@ -451,6 +457,7 @@ def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 def main(argv=None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    fashion_mnist_root()  # stop now, with the setup hint, on a machine without the data
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     say(f"archs {args.archs}, parts {args.parts}, out {args.out}, work {args.work}, "

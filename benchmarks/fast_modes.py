@@ -14,6 +14,10 @@ SAUCE. Reported per mode: trials (unit-forward passes), trial passes counted by 
 S they ran, wall time, their ratios to exact, SAUCE and its difference to exact, category
 counts and the share of units whose category matches the exact plan. Results go to
 docs/results/fast_modes.json and are quoted in docs/results/performance.md.
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from cswap.curves import replay_curve  # noqa: E402
 from cswap.fast import FastOptions  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.sauce import sauce  # noqa: E402
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
 from engine_speed import fashion, fit, quick_train  # noqa: E402
 
 MODES = {
@@ -142,6 +147,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "docs/results/fast_modes.json")
     p.add_argument("--cache", type=Path, default=REPO / "runs/fast_modes", help="trained models (not committed)")
     args = p.parse_args()
+    fashion_mnist_root()  # stop now, with the setup hint, on a machine without the data
     torch.set_num_threads(args.threads)
     mk = 8 if args.quick else args.samples_per_class
     result = {"threads": args.threads, "torch": torch.__version__, "seed": args.seed, "runs": []}

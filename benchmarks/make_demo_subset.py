@@ -6,6 +6,10 @@ a held-out evaluation set drawn from the TEST split. Both are balanced per class
 with a seeded numpy Generator, so every regeneration stores identical arrays.
 
     python benchmarks/make_demo_subset.py
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -18,11 +22,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import numpy as np
 
-from tasks.idx_files import (
-    DEBIAN_FASHION_MNIST,
-    FASHION_MNIST_CLASSES,
-    load_mnist_split,
-)
+from benchmarks.datasets import fashion_mnist_root
+from tasks.idx_files import FASHION_MNIST_CLASSES, load_mnist_split
 
 
 def balanced_sample(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
@@ -42,7 +43,8 @@ def balanced_sample(labels: np.ndarray, per_class: int, rng: np.random.Generator
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", type=Path, default=DEBIAN_FASHION_MNIST, help="folder with the four IDX files")
+    p.add_argument("--root", type=Path, default=None,
+                   help="folder with the four IDX files (default: $CSWAP_FASHION_MNIST, else Debian's; see benchmarks/datasets.py)")
     p.add_argument("--per-class", type=int, default=64, help="manifold images per class (train split)")
     p.add_argument("--eval-per-class", type=int, default=200, help="evaluation images per class (test split)")
     p.add_argument("--seed", type=int, default=0)
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
+    args.root = fashion_mnist_root(args.root)
     train_images, train_labels = load_mnist_split(args.root, "train")
     test_images, test_labels = load_mnist_split(args.root, "test")
     m = balanced_sample(train_labels, args.per_class, rng)

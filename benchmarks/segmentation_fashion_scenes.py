@@ -20,6 +20,10 @@ so a second run only redoes the curves.
     OMP_NUM_THREADS=1 python benchmarks/segmentation_fashion_scenes.py --out docs/results/segmentation
 The defaults are the CPU setting of docs/results/segmentation.md; the paper-like setting is
 `--width 32 --size 512,1024 --samples-per-class 16 --seeds 3` on a GPU (`--device cuda`).
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tasks, scorers, adapters, criteria: the repository's plugins
 
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
+
 BACKGROUND = 10
 DDRNET = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
 
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--train-only", action="store_true", help="stop after training and evaluating the model")
     args = p.parse_args(argv)
+    fashion_mnist_root()  # stop now, with the setup hint, on a machine without the data
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
     data = work / f"data-{size[0]}x{size[1]}-items{args.items}-train{args.train}-val{args.val}"
     started = time.perf_counter()
     if not (data / "gtFine").is_dir():
-        imgs, labs = load_mnist_split(FASHION_ROOT, "train")
+        imgs, labs = load_mnist_split(fashion_mnist_root(), "train")
         compose_scenes(data, "train", args.train, imgs[:50000], labs[:50000], size, args.items, seed=0)
         compose_scenes(data, "val", args.val, imgs[50000:], labs[50000:], size, args.items, seed=1)  # unseen items
 

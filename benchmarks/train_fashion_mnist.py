@@ -6,6 +6,10 @@ checkpoint can be regenerated with the command recorded in its sidecar.
 
     python benchmarks/train_fashion_mnist.py --arch cifar_resnet8 --width 16 --epochs 4 \
         --out cswap/demo/fashion_resnet8.pt
+
+Data: the full Fashion-MNIST, read locally (`apt-get install dataset-fashion-mnist`, or
+CSWAP_FASHION_MNIST=DIR; see benchmarks/datasets.py); without it the script stops at once
+with that hint.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ from adapters.cifar_resnet import (
     cifar_resnet32,
 )
 from adapters.small_mobilenet import fmnist_mobilenetv2
-from tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split
+from benchmarks.datasets import fashion_mnist_root
+from tasks.idx_files import load_mnist_split
 
 # Name -> builder(width=..., num_classes=..., in_channels=...). Add new model families here.
 ARCHS = {
@@ -90,7 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--root", type=Path, default=DEBIAN_FASHION_MNIST, help="folder with the four IDX files")
+    p.add_argument("--root", type=Path, default=None,
+                   help="folder with the four IDX files (default: $CSWAP_FASHION_MNIST, else Debian's; see benchmarks/datasets.py)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="train on the first N images of a seeded shuffle of the train split")
     p.add_argument("--out", type=Path, required=True, help="path of the .pt state_dict")
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
 
+    args.root = fashion_mnist_root(args.root)
     train_images, train_labels = load_mnist_split(args.root, "train")
     test_images, test_labels = load_mnist_split(args.root, "test")
     if args.train_limit is not None:

@@ -11,9 +11,7 @@ from cswap import registry
 
 CLASSES = 4
 
-# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two OpenMP
-# threads per process spin against the other processes: measured 25x slower than one thread.
-torch.set_num_threads(1)
+# The thread count is the suite's (tests/conftest.py, CSWAP_TEST_THREADS).
 
 
 def tiny_resnet() -> nn.Module:
