@@ -9,6 +9,7 @@ from torch import nn
 from . import registry
 from .build import resolve_adapter
 from .config import PluginRef
+from .coverage import check_coverage
 from .interfaces import Task
 from .plan import PruningPlan
 from .pruner import progressive_prune
@@ -52,9 +53,12 @@ def analyze(
     score_fn = registry.create("scorers", scorer or task.default_scorer)
     adapter_name, adapter_obj = resolve_adapter(PluginRef(name=adapter), model)
     model.eval()
-    graph = adapter_obj.units(model, task.example_inputs().to(next(model.parameters()).device))
+    x = task.example_inputs().to(next(model.parameters()).device)
+    graph = adapter_obj.units(model, x)
+    manifold = task.manifold(seed)
+    check_coverage(task, manifold, model, x)  # S must hold every class the model predicts
     return progressive_prune(
-        model, graph, task.manifold(seed), score_fn, test, adapter=adapter_name,
+        model, graph, manifold, score_fn, test, adapter=adapter_name,
         seed=seed, shuffle_units=shuffle_units, device=device, progress=progress,
         stages=adapter_obj.stages, engine=engine, unit_batch=unit_batch,
     )

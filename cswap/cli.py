@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import registry
-from .errors import CSwapError
+from .errors import CSwapError, RunInterrupted
 
 
 def _cmd_list(args) -> int:
@@ -32,7 +32,7 @@ def _cmd_prune(args) -> int:
     if args.dry_run:
         print(describe(cfg))
         return 0
-    run_dir = run_prune(cfg, args.out, progress=not args.quiet, resume=args.resume)
+    run_dir = run_prune(cfg, args.out, progress=not args.quiet, resume=args.resume, force=args.force)
     if is_main_process():
         print(summary(json.loads((run_dir / "report.json").read_text())))
         print(f"run directory: {run_dir}")
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="validate, build model and units, print what would run")
     s.add_argument("--out", type=Path, help="run directory (default: output.dir/<name>-<time>)")
     s.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run (same config)")
+    s.add_argument("--force", action="store_true",
+                   help="start afresh even if --out's .partial holds recorded decisions (they are discarded)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.add_argument("--verbose", action="store_true", help="log progress details to stderr")
     s.set_defaults(func=_cmd_prune)
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-sweep)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_sweep)
+    for sub_parser in sub.choices.values():
+        sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -177,9 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     _init_distributed()
     try:
         return args.func(args)
-    except CSwapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except RunInterrupted as exc:
+        if args.debug:
+            raise
+        hint = (f"; resume with: cswap prune {args.config} --resume {exc.partial}"
+                if exc.partial is not None and args.command == "prune" else
+                f"; the partial run is in {exc.partial}" if exc.partial is not None else "")
+        print(f"interrupted{hint}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("interrupted", file=sys.stderr)
         return 130
+    except (CSwapError, OSError) as exc:  # bad input, or the machine refused a file: one line, no traceback
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

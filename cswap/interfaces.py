@@ -144,6 +144,15 @@ class Task(ABC):
     default_scorer: str = "class_probability"
     default_test: str = "paired_t"
     metric: str = "accuracy"
+    #: what the core does when S misses a class of `num_classes`: "error" (refuse) or "warn"
+    missing_classes: str = "error"
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes (0..n-1) S must cover so every class the model predicts can
+        vote; None (the default) when the groups are not classes, and nothing is checked.
+        The core also counts the model's output width (dim 1), see `cswap.coverage`."""
+        return None
 
     @abstractmethod
     def manifold(self, seed: int) -> Manifold:

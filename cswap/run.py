@@ -2,42 +2,53 @@
 
 The run is assembled in `<run>.partial/` and renamed to `<run>/` only after the pruned model
 passed its self-check and every file is written, so a directory without the suffix is
-always complete, and a failed run leaves only a `.partial` folder with its log.
+always complete, and a failed run leaves only a `.partial` folder with its log. Everything
+is built and validated (`prepare`) before anything is created, so bad input leaves nothing;
+the directory's lock and life cycle are `cswap.rundir`'s; SIGINT/SIGTERM save the state.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
-import os
-import shutil
+import secrets
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .build import build_model, build_scorer, build_task, build_test, resolve_adapter
-from .config import RunConfig, dump_config, parse_config
-from .errors import ConfigError, CSwapError, DataError, ModelError
+from . import rundir
+from .build import build_model, build_scorer, build_task, build_test, load_weights, resolve_adapter
+from .config import RunConfig, dump_config, load_config_text, parse_config
+from .coverage import check_coverage
+from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
+from .interfaces import ArchitectureAdapter, Manifold, ScoringFunction, SignificanceTest, Task
+from .interrupt import deferred, interruptible
 from .metrics import compare_costs
 from .plan import PruningPlan
 from .pruner import progressive_prune
+from .rundir import STATE_FILE, RunLock, partial_of
 from .units import Intervention, UnitGraph
 
 log = logging.getLogger("cswap")
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
-    return cfg.output.dir / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """`<output.dir>/<name>-<time>-<random>`: two runs started in the same second get two
+    directories (the lock would refuse the second one otherwise)."""
+    return cfg.output.dir / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def describe(cfg: RunConfig) -> str:
     """What `--dry-run` prints: the model, its units, and what would run."""
-    model, note = build_model(cfg.model, random_if_missing=True)
     task = build_task(cfg.task)
+    build_scorer(cfg.scorer, task), build_test(cfg.test, task)  # their options are validated too
+    model, note = build_model(cfg.model, random_if_missing=True)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     x = task.example_inputs()
     graph = adapter.units(model, x)
@@ -78,19 +89,37 @@ def self_check(model: nn.Module, pruned: nn.Module, graph: UnitGraph, plan: Prun
     return diff
 
 
-STATE_FILE = "analysis_state.json"
-
-
 def is_main_process() -> bool:
     """Rank 0 under torch.distributed (or the only process): the one that writes files."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def _from_rank0(action):
+    """Run `action` on rank 0 only and give every rank its result, or its refusal (a locked
+    or non-empty directory) as an error, so no rank is left waiting in a collective."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = action()
+        except CSwapError as exc:
+            error = exc
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [None if error else result, None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None and error is None:
+            raise OutputError(box[1])
+        result = box[0] if error is None else result
+    if error is not None:
+        raise error
+    return result
+
+
 def _resume_dirs(resume: str | Path) -> tuple[Path, Path]:
     resume = Path(resume)
     final = resume.with_name(resume.name[: -len(".partial")]) if resume.name.endswith(".partial") else resume
-    partial = final.with_name(final.name + ".partial")
+    partial = partial_of(final)
     if final.exists() and (final / "report.json").exists():
         raise CSwapError(f"run {final} is already complete; nothing to resume")
     if not (partial / "config.yaml").is_file():
@@ -108,68 +137,59 @@ def _check_same_config(cfg: RunConfig, partial: Path) -> None:
         raise ConfigError(f"the config differs from the run being resumed; refusing to mix them:\n{diff}")
 
 
-def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
-              resume: str | Path | None = None) -> Path:
-    """Run C-SWAP as configured and write the run directory; returns its path.
-
-    `resume` names an interrupted run (`<run>` or `<run>.partial`): its config must equal
-    `cfg`, its recorded decisions are replayed and the analysis continues where it stopped.
-    """
-    main = is_main_process()
-    state = None
+def _target(cfg: RunConfig, run_dir, resume, force: bool) -> Path:
+    """The run directory, checked without creating anything: for a resume its `.partial`
+    and config; for a new run that it can be created and holds no recorded work."""
     if resume is not None:
         final, partial = _resume_dirs(resume)
-        _check_same_config(cfg, partial)
-        state_path = partial / STATE_FILE
-        state = json.loads(state_path.read_text()) if state_path.exists() else {"decisions": []}
+        if run_dir is not None and Path(run_dir) not in (final, partial):
+            raise ConfigError(f"--resume continues {partial} in place; --out {run_dir} names another directory "
+                              "(give one of the two)")
     else:
         final = Path(run_dir) if run_dir else default_run_dir(cfg)
-        if final.exists() and any(final.iterdir()):
-            raise CSwapError(f"run directory {final} already exists and is not empty")
-        partial = final.with_name(final.name + ".partial")
-        if main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            write_text_atomic(partial / "config.yaml", dump_config(cfg))
-    handler = None
-    if main:
-        handler = logging.FileHandler(partial / "log.txt")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        if state is not None:
-            log.info("resuming %s: %d decisions recorded", partial, len(state["decisions"]))
-    try:
-        report = _run(cfg, partial if main else None, progress and main, state)
-        if main:
-            write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
-    except BaseException:
-        log.exception("run failed")
-        raise
-    finally:
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-    if main:
-        (partial / STATE_FILE).unlink(missing_ok=True)
-        if final.exists():
-            final.rmdir()
-        os.replace(partial, final)
+    if is_main_process():  # a run still going is not an interrupted one: say so first
+        RunLock(final).probe()
+    if resume is not None:
+        _check_same_config(cfg, partial)
+        rundir.read_state(partial)
+    else:
+        rundir.check_target(final)
+        work = rundir.recorded_work(partial_of(final))
+        if work and not force:
+            raise OutputError(f"{partial_of(final)} holds {work} of an interrupted run; continue it with "
+                              f"--resume {partial_of(final)}, or pass --force to discard it")
     return final
 
 
-def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None = None) -> dict:
-    """The analysis on every rank; evaluation, replay, self-check and files only where
-    `out` is given (rank 0)."""
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    """What `prepare` built: every object of the run, validated, nothing written yet."""
+
+    model: nn.Module
+    note: str
+    task: Task
+    scorer: ScoringFunction
+    test: SignificanceTest
+    adapter_name: str
+    adapter: ArchitectureAdapter
+    x: torch.Tensor
+    graph: UnitGraph
+    manifold: Manifold
+    device: torch.device
+    before: dict = field(default_factory=dict)
+
+
+def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
+    """Build and check everything before the run directory exists: options (pydantic),
+    model and checkpoint, data, units, the classes S covers, the original model's metrics.
+    Any bad input fails here and leaves nothing behind."""
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
-    model, note = build_model(cfg.model)
-    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
     task = build_task(cfg.task)
     scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
+    model, note = build_model(cfg.model)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     x = task.example_inputs()
     graph = adapter.units(model, x)
@@ -178,42 +198,151 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
     manifold = task.manifold(cfg.seed)
     if len(manifold) == 0:
         raise DataError("the sample set S is empty")
-    log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
-
+    check_coverage(task, manifold, model, x)
     model = model.to(device)
+    before = task.evaluate(model, device) if evaluate else {}
+    return Setup(model, note, task, scorer, test, adapter_name, adapter, x, graph, manifold, device, before)
+
+
+def _open(final: Path, cfg: RunConfig, resume, force: bool) -> tuple[RunLock, dict | None]:
+    """Rank 0: take the lock, then create the `.partial` (new run) or re-read its state
+    (resume) under it. Returns the lock and the state to replay."""
+    lock = RunLock(final).acquire()
+    try:
+        partial = partial_of(final)
+        if resume is None:
+            rundir.open_partial(final, dump_config(cfg), force)
+            return lock, None
+        if not (partial / "config.yaml").is_file():
+            raise OutputError(f"{partial} disappeared before it could be resumed")
+        rundir.remove_leftover_temporaries(partial)
+        return lock, rundir.read_state(partial)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = True,
+              resume: str | Path | None = None, force: bool = False) -> Path:
+    """Run C-SWAP as configured and write the run directory; returns its path.
+
+    `resume` names an interrupted run (`<run>` or `<run>.partial`): its config must equal
+    `cfg`, its recorded decisions are replayed and the analysis continues where it stopped.
+    A new run refuses a `.partial` holding recorded decisions unless `force`. SIGINT and
+    SIGTERM raise `RunInterrupted` (state saved; its `partial` says what to resume).
+    """
+    main = is_main_process()
+    final = _target(cfg, run_dir, resume, force)
+    partial = partial_of(final)
+    try:
+        with interruptible():
+            if resume is not None and _from_rank0(lambda: rundir.recorded_work(partial) is not None
+                                                  and all((partial / n).is_file() for n in rundir.COMPLETE)):
+                if main:  # killed after its last file, before the rename: nothing to redo
+                    with RunLock(final):
+                        rundir.finish(partial, final)
+                return final
+            setup = prepare(cfg, evaluate=main)
+            held: dict = {}
+
+            def open_here():  # rank 0; the other ranks get the state to replay, never the lock
+                held["lock"], state = _open(final, cfg, resume, force)
+                return state
+
+            state = _from_rank0(open_here)
+            lock = held.get("lock")
+            try:
+                with _run_log(partial if main else None, state):
+                    report = _run(cfg, setup, partial if main else None, progress and main, state)
+                    if main:
+                        write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
+                if main:
+                    rundir.finish(partial, final)
+            finally:
+                if lock is not None:
+                    lock.release()
+    except RunInterrupted as exc:
+        exc.partial = partial if partial.is_dir() else None
+        raise
+    return final
+
+
+@contextlib.contextmanager
+def _run_log(partial: Path | None, state: dict | None):
+    """log.txt of the run for the block; a failure is written there (the traceback too for
+    anything that is not a CSwapError), never echoed to the console: the CLI prints one line."""
+    if partial is None:
+        yield
+        return
+    handler = logging.FileHandler(partial / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    if state is not None:
+        log.info("resuming %s: %d decisions recorded", partial, len(state["decisions"]))
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, RunInterrupted):
+            msg, args, info = "interrupted by %s; state saved in %s (resume with --resume %s)", (exc, partial, partial), None
+        else:
+            plain = isinstance(exc, CSwapError)
+            msg, args, info = "run failed: %s", (exc,), None if plain else (type(exc), exc, exc.__traceback__)
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, args, info))
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume: dict | None = None) -> dict:
+    """The analysis on every rank; replay, self-check and files only where `out` is given
+    (rank 0)."""
+    started = time.perf_counter()
+    s = setup
+    model, graph, manifold, device = s.model, s.graph, s.manifold, s.device
+    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, s.note)
+    log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
     costs = dict(repeats=cfg.output.latency_repeats, batch=cfg.output.latency_batch)
-    before = task.evaluate(model, device) if out else {}
+    before = dict(s.before)
+    latest: dict = {}
 
     def checkpoint(state: dict) -> None:
+        latest["state"] = state  # holds the pruner's growing decision list: saved again on the way out
         write_text_atomic(out / STATE_FILE, json.dumps(state) + "\n")
 
     analysis_started = time.perf_counter()
-    plan = progressive_prune(
-        model, graph, manifold, scorer, test, adapter=adapter_name, seed=cfg.seed,
-        shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
-        stages=adapter.stages, engine=cfg.pruning.engine, fast=cfg.pruning.fast,
-        unit_batch=cfg.pruning.unit_batch,
-        checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
-        resume=resume,
-    )
+    try:
+        plan = progressive_prune(
+            model, graph, manifold, s.scorer, s.test, adapter=s.adapter_name, seed=cfg.seed,
+            shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
+            stages=s.adapter.stages, engine=cfg.pruning.engine, fast=cfg.pruning.fast,
+            unit_batch=cfg.pruning.unit_batch,
+            checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
+            resume=resume,
+        )
+    except BaseException:
+        if out is not None and "state" in latest:
+            _save_last_state(out, latest["state"])
+        raise
     analysis_seconds = time.perf_counter() - analysis_started
     if out is None:
         return {}
     plan.save(out / "plan.json")
 
     k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
-    pruned = plan.apply_prefix(model, k, adapter=adapter)
+    pruned = plan.apply_prefix(model, k, adapter=s.adapter)
     diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
-    after = task.evaluate(pruned, device)
+    after = s.task.evaluate(pruned, device)
     # timed in turns, so the two latencies see the same machine load
-    cost_before, cost_after = compare_costs([model, pruned], x.to(device), **costs)
+    cost_before, cost_after = compare_costs([model, pruned], s.x.to(device), **costs)
     before.update(cost_before)
     after.update(cost_after)
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
     return {
         "model": f"{cfg.model.source}:{cfg.model.name}",
-        "metric": task.metric,
-        "adapter": adapter_name,
+        "metric": s.task.metric,
+        "adapter": s.adapter_name,
         "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
         "steps_applied": k,
         "categories": plan.category_counts(),
@@ -229,17 +358,73 @@ def _run(cfg: RunConfig, out: Path | None, progress: bool, resume: dict | None =
     }
 
 
+def _save_last_state(out: Path, state: dict) -> None:
+    """The decisions made since the last periodic checkpoint, written once more when the
+    analysis stops early (a signal, an error); signals wait until the write is done."""
+    try:
+        with deferred():
+            write_text_atomic(out / STATE_FILE, json.dumps(state) + "\n")
+    except CSwapError as exc:  # e.g. the disk is full: the previous checkpoint stays
+        log.warning("could not save the last decisions: %s", exc)
+
+
 def load_pruned(run_dir: str | Path) -> nn.Module:
     """Rebuild a run's pruned model in a fresh process: architecture from the config, shape
-    from replaying the plan, weights from `pruned_model.pt` (loaded with weights_only)."""
-    import yaml
+    from replaying the plan, weights from `pruned_model.pt` (loaded with weights_only).
+
+    A run directory may come from elsewhere, so none of its files can make this run code:
+    the config passes the same validation as `cswap prune` (registered plugins only, every
+    mmseg `type` checked, never `allow_pickle`), the plan is JSON checked against the model,
+    and a malformed file is a `CSwapError` naming it. (An mmseg config *file* that the config
+    names is Python and runs, as it did for the run: name only trusted files.)"""
+    from .units import count_params
 
     run_dir = Path(run_dir)
-    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    plan = PruningPlan.load(run_dir / "plan.json")
-    report = json.loads((run_dir / "report.json").read_text())
-    model, _ = build_model(cfg.model.model_copy(update={"weights": None}))
+    for name in ("config.yaml", "plan.json", "report.json", "pruned_model.pt"):
+        if not (run_dir / name).is_file():
+            raise DataError(f"{run_dir} is not a complete run directory: {name} is missing")
+    cfg = parse_config(load_config_text((run_dir / "config.yaml").read_text(), run_dir / "config.yaml"))
+    plan = _read_plan(run_dir / "plan.json")
+    steps = _read_json(run_dir / "report.json").get("steps_applied")
+    if not isinstance(steps, int) or not 0 <= steps <= len(plan.steps):
+        raise DataError(f"{run_dir / 'report.json'}: steps_applied {steps!r} is not a step count of the plan "
+                        f"(0..{len(plan.steps)})")
+    model, _ = build_model(cfg.model.model_copy(update={"weights": None, "allow_pickle": False}))
+    if count_params(model) != plan.params_total:
+        raise DataError(f"{run_dir / 'plan.json'} was made for a model with {plan.params_total} parameters; "
+                        f"the config's model has {count_params(model)}")
+    _check_plan_layers(plan, model, run_dir / "plan.json")
     _, adapter = resolve_adapter(cfg.adapter, model)
-    pruned = plan.apply_prefix(model, report["steps_applied"], adapter=adapter, inplace=True)
-    pruned.load_state_dict(load_checkpoint(run_dir / "pruned_model.pt"))
+    pruned = plan.apply_prefix(model, steps, adapter=adapter, inplace=True)
+    load_weights(pruned, load_checkpoint(run_dir / "pruned_model.pt"), str(run_dir / "pruned_model.pt"))
     return pruned.eval()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); was it truncated or edited?") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _read_plan(path: Path) -> PruningPlan:
+    try:
+        return PruningPlan.from_json(_read_json(path))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path} is not a readable C-SWAP plan: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_plan_layers(plan: PruningPlan, model: nn.Module, path: Path) -> None:
+    """Every layer of the plan is a module of the model, every step a channel of its layer."""
+    for name in plan.layers:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise DataError(f"{path}: layer {name!r} of the plan is not a module of {type(model).__name__}") from None
+    for step in plan.steps:
+        unit = step.unit
+        if unit.layer not in plan.layers or not 0 <= unit.channel < int(plan.layers[unit.layer]):
+            raise DataError(f"{path}: step {unit} is not a channel of a layer of the plan")

@@ -136,13 +136,26 @@ class ClassificationTask(Task):
         steps.append(transforms.ToTensor())
         if mean is not None:
             steps.append(transforms.Normalize(mean, std))
-        ds = ImageFolder(str(folder), transform=transforms.Compose(steps))
+        try:
+            ds = ImageFolder(str(folder), transform=transforms.Compose(steps))
+        except (FileNotFoundError, OSError) as exc:  # no class folder, or class folders without images
+            raise DataError(f"ImageFolder split {folder} holds no images in class folders "
+                            f"(expected {folder}/<class>/*.jpg): {exc}") from None
         return _Split(np.asarray(ds.targets), lambda idx: torch.stack([ds[int(i)][0] for i in idx]), list(ds.classes))
 
     # ---- Task interface -------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        return int(self.split(self.options.manifold_split).labels.max()) + 1
+        """Classes of the data: the largest label of S's and the evaluation split, or the
+        class names the dataset lists (the core also counts the model's outputs)."""
+        seen = [self.split(self.options.manifold_split)]
+        try:
+            seen.append(self.split(self.options.eval_split))
+        except DataError:  # e.g. in-memory tensors with S's split only
+            pass
+        largest = max((int(s.labels.max()) + 1 for s in seen if len(s)), default=0)
+        named = max((len(s.classes) for s in seen if s.classes), default=0)
+        return max(largest, named)
 
     def manifold(self, seed: int) -> Manifold:
         """M_k samples of every class, drawn without replacement with `seed`, class by class."""

@@ -20,13 +20,15 @@ most frequent, and for each class the next candidates containing it are added un
 appears in `samples_per_class` (M_k) images of S. Every class present in the split thus
 appears in at least M_k images of S (frequent classes such as road in many more, since an
 image brings all its classes); a class present in fewer than M_k candidates is an error
-naming it, a class absent from every candidate is left out with a warning.
+naming it, a class absent from every candidate is left out with a warning (option
+`missing_classes: error` refuses instead: pruning cannot see what it does to such a class).
 """
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -62,9 +64,13 @@ class CityscapesSegmentationTask(Task):
                                                 "keep_ratio; smaller is the reduced-resolution option; null keeps size")
         eval_limit: int | None = Field(None, ge=1, description="evaluate on a seeded subset of this many images")
         batch_size: int = Field(4, ge=1)
+        missing_classes: Literal["warn", "error"] = Field(
+            "warn", description="a class of the dataset in no image of S: warn (Cityscapes subsets often lack "
+                                "rare classes) or refuse")
 
     def __init__(self, options: "CityscapesSegmentationTask.Options", **_):
         self.options = options
+        self.missing_classes = options.missing_classes  # read by cswap.coverage
         self._datasets: dict = {}
         self._norm = None
 

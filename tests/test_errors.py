@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cswap import registry
 from cswap.build import resolve_adapter
 from cswap.cli import main
-from cswap.errors import ResourceError
+from cswap.errors import ConfigError, DataError, ResourceError
 from cswap.interfaces import Scores, ScoringFunction
 from cswap.pruner import progressive_prune
 from adapters.cifar_resnet import cifar_resnet8
@@ -76,3 +79,205 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly():
     with pytest.raises(ResourceError, match="one sample per batch"):
         with pytest.warns(UserWarning):
             _analysis(NoMemory(), batch_size=2)
+
+
+# ---- every bad input: status 2, one line, no traceback, nothing created (issue #14, item 4) -
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if "__pycache__" not in p.parts}
+
+
+def _one_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_malformed_yaml_is_one_line_naming_the_position(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {source: cswap\n  name: [\n")
+    before = _files(tmp_path)
+    assert main(["prune", str(bad), "--out", str(tmp_path / "r")]) == 2
+    _one_line(capsys, str(bad), "not valid YAML", "line 3")
+    assert _files(tmp_path) == before
+    assert main(["prune", str(bad), "--set", "seed=[1", "--dry-run"]) == 2  # an override's value too
+    _one_line(capsys)
+
+
+def test_out_that_is_a_file_under_a_file_or_unwritable(tmp_path, config, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    if os.geteuid() == 0:  # root writes anywhere a mode allows; sysfs refuses even root
+        unwritable = Path("/sys/cswap-test/run")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        unwritable = locked / "run"
+    before = _files(tmp_path)
+    for out, needle in ((afile, "exists and is a file"), (afile / "sub", f"{afile} is a file, not a folder"),
+                        (unwritable, "cannot create run directory")):
+        assert main(["prune", str(config), "--out", str(out), "--quiet"]) == 2
+        _one_line(capsys, needle)
+    assert _files(tmp_path) == before and not unwritable.exists()
+
+
+def test_full_disk_is_one_line_and_leaves_a_resumable_run(tmp_path, config):
+    """A file-size limit makes the writes of pruned_model.pt (31 kB) fail the way a full disk
+    does (EFBIG instead of ENOSPC, through the same torch writer), after the plan (14 kB)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    run = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "cswap", "prune", str(config), "--out", str(run), "--quiet"],
+                          cwd=Path(__file__).resolve().parents[1], preexec_fn=limit, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith(f"error: cannot write {run}.partial/pruned_model.pt: ")
+    partial = tmp_path / "r.partial"
+    assert not run.exists() and (partial / "plan.json").exists() and not list(partial.glob(".*.tmp"))
+    assert main(["prune", str(config), "--resume", str(partial), "--quiet"]) == 0
+    assert (run / "pruned_model.pt").exists()
+
+
+def test_empty_imagefolder_is_refused(tmp_path, config, capsys):
+    root = tmp_path / "images"
+    (root / "manifold").mkdir(parents=True)
+    (root / "eval").mkdir()
+    args = ["prune", str(config), "--out", str(tmp_path / "r"), "--quiet", "--set", "task.options.dataset=imagefolder",
+            "--set", f"task.options.root={root}", "--set", "task.options.input_shape=[1, 12, 12]"]
+    before = _files(tmp_path)
+    assert main(args) == 2
+    _one_line(capsys, f"{root / 'manifold'} holds no images")
+    (root / "manifold" / "cat").mkdir()  # a class folder without images
+    assert main(args) == 2
+    _one_line(capsys, "holds no images", "no valid file")
+    assert _files(tmp_path) - before == {root / "manifold" / "cat"}
+
+
+def test_truncated_state_and_failed_rename_on_resume(tmp_path, config, capsys):
+    from cswap.config import dump_config, load_config
+
+    partial = tmp_path / "r.partial"
+    partial.mkdir()
+    (partial / "config.yaml").write_text(dump_config(load_config(config)))
+    (partial / "analysis_state.json").write_text('{"decisions": [{"unit": "conv1:0", "categ')
+    before = _files(tmp_path)
+    assert main(["prune", str(config), "--resume", str(partial), "--quiet"]) == 2
+    _one_line(capsys, f"{partial / 'analysis_state.json'} is not valid JSON", "--force")
+    (partial / "analysis_state.json").write_text('{"decisions": [{"unit": "conv1:0"}]}')
+    assert main(["prune", str(config), "--resume", str(partial), "--quiet"]) == 2
+    _one_line(capsys, "does not hold a list of decisions")
+    assert _files(tmp_path) == before
+
+    # a complete run whose rename fails: the target was filled in the meantime
+    run = tmp_path / "done"
+    assert main(["prune", str(config), "--out", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    os.replace(run, tmp_path / "done.partial")
+    run.mkdir()
+    (run / "someone_else.txt").write_text("x")
+    assert main(["prune", str(config), "--resume", str(run), "--quiet"]) == 2
+    _one_line(capsys, f"cannot rename {run}.partial to {run}: it is not empty")
+    assert (tmp_path / "done.partial" / "report.json").exists()
+
+
+def test_bad_checkpoint_and_bad_options_are_refused_before_anything_exists(tmp_path, config, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    before = _files(tmp_path)
+    for override, needle in ((f"model.weights={garbage}", "is not a PyTorch checkpoint"),
+                             ("test={name: paired_t, options: {alpha: 0}}", "alpha: Input should be greater than 0"),
+                             ("task.options.samples_per_class=0", "samples_per_class: Input should be greater")):
+        assert main(["prune", str(config), "--set", override, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+        _one_line(capsys, needle)
+    assert _files(tmp_path) == before  # no r.partial, no runs/, no lock
+
+
+def test_debug_shows_the_traceback(tmp_path, config):
+    with pytest.raises(ConfigError):
+        main(["prune", str(config), "--set", "task.options.samples_per_class=0", "--debug", "--dry-run"])
+
+
+def test_truncated_or_edited_plan_is_a_clear_error(tmp_path, config):
+    import cswap
+
+    run = tmp_path / "r"
+    assert main(["prune", str(config), "--out", str(run), "--quiet"]) == 0
+    plan = (run / "plan.json").read_text()
+    (run / "plan.json").write_text(plan[: len(plan) // 2])
+    with pytest.raises(DataError, match=r"plan.json is not valid JSON"):
+        cswap.load_pruned(run)
+    (run / "plan.json").write_text(plan.replace('"layer3.0.conv1"', '"layer9.0.conv1"'))
+    with pytest.raises(DataError, match=r"layer 'layer9.0.conv1' of the plan is not a module of CifarResNet"):
+        cswap.load_pruned(run)
+    (run / "plan.json").write_text(plan.replace('"params_total": ', '"params_total": 1'))
+    with pytest.raises(DataError, match="was made for a model with"):
+        cswap.load_pruned(run)
+
+
+# ---- a sample set that cannot answer for every class (issue #14, item 5) -------------------
+def test_sample_set_with_one_class_of_a_ten_class_model_is_refused(tmp_path, capsys):
+    demo = yaml.safe_load(Path("configs/demo.yaml").read_text())
+    data = np.load(demo["task"]["options"]["root"])
+    keep = data["manifold_labels"] == 0
+    one = tmp_path / "class0.npz"
+    np.savez(one, manifold_images=data["manifold_images"][keep], manifold_labels=data["manifold_labels"][keep],
+             eval_images=data["eval_images"], eval_labels=data["eval_labels"])
+    before = _files(tmp_path)
+    assert main(["prune", "configs/demo.yaml", "--set", f"task.options.root={one}",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    _one_line(capsys, "S covers 1 of the 10 classes the model predicts", "present: [0]", "missing: [1, 2")
+    assert _files(tmp_path) == before
+
+
+def test_imagefolder_with_one_class_and_the_python_api_are_refused(tmp_path, config, capsys):
+    from PIL import Image
+
+    import cswap
+
+    root = tmp_path / "images"
+    for split in ("manifold", "eval"):
+        (root / split / "only").mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(np.full((12, 12), i * 20, np.uint8)).save(root / split / "only" / f"{i}.png")
+    assert main(["prune", str(config), "--out", str(tmp_path / "r"), "--quiet", "--set",
+                 "task.options.dataset=imagefolder", "--set", f"task.options.root={root}", "--set", "model.weights=null",
+                 "--set", "model.kwargs={width: 4, in_channels: 3, num_classes: 3}"]) == 2  # ImageFolder gives RGB
+    _one_line(capsys, "S covers 1 of the 3 classes")  # the model's output width: 3
+    model = cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
+    x, y = patterns(12, size=12)
+    with pytest.raises(DataError, match=r"covers 2 of the 3 classes .*missing: \[2\]"):
+        cswap.analyze(model, (x[y < 2], y[y < 2]), samples_per_class=12, progress=False)
+
+
+def test_a_task_that_declares_no_classes_is_not_checked():
+    from cswap.interfaces import Manifold, Task
+
+    class Groups(Task):  # a third-party task whose groups are not classes
+        def __init__(self):
+            x, y = patterns(12, size=12)
+            self.x, self.y = x, y * 0  # one group only
+
+        def manifold(self, seed):
+            return Manifold([(self.x, self.y)], {0: len(self.y)})
+
+        def evaluate(self, model, device="cpu"):
+            return {"accuracy": 0.0}
+
+        def example_inputs(self):
+            return self.x[:1]
+
+    import cswap
+
+    model = cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
+    assert Groups().num_classes is None
+    assert cswap.analyze(model, Groups(), progress=False).steps
