@@ -20,7 +20,7 @@ from torch import nn
 
 from cswap.errors import ConfigError, ModelError
 from cswap.interfaces import ArchitectureAdapter
-from cswap.units import UnitGraph, discover
+from cswap.units import UnitGraph, discover, one_line
 
 
 class GenericAdapter(ArchitectureAdapter):
@@ -51,6 +51,10 @@ class GenericAdapter(ArchitectureAdapter):
             return discover(model, example_inputs, ignored_layers=self.ignored_layers(model))
         except ConfigError:
             raise
+        except MemoryError:  # the trace's graph is still referenced by the traceback: drop both, now
+            raise ModelError(f"out of memory while torch-pruning traced {type(model).__name__} on an input of shape "
+                             f"{tuple(example_inputs.shape)}: give a smaller example input (task input_shape), or "
+                             "use an adapter that does not trace the model (see docs/architectures.md)") from None
         except Exception as exc:  # ModelError without a module, or torch-pruning's own errors
             cause = exc.__cause__ if isinstance(exc, ModelError) and exc.__cause__ is not None else exc
             where = torch_pruning_culprit(cause, model)
@@ -58,9 +62,9 @@ class GenericAdapter(ArchitectureAdapter):
                 if isinstance(exc, ModelError):
                     raise
                 raise ModelError(f"cannot find the pruning units of {type(model).__name__}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                                 f"{type(exc).__name__}: {one_line(exc)}") from exc
             raise ModelError(
-                f"torch-pruning cannot trace {type(model).__name__} {where}: {type(cause).__name__}: {cause}. "
+                f"torch-pruning cannot trace {type(model).__name__} {where}: {type(cause).__name__}: {one_line(cause)}. "
                 "Hint: tracing covers the whole model, so ignored_layers cannot skip this; "
                 "make the operation a traceable one, or use or write an adapter for this "
                 "architecture (see docs/architectures.md)."

@@ -54,7 +54,7 @@ def analyze(
     adapter_name, adapter_obj = resolve_adapter(PluginRef(name=adapter), model)
     model.eval()
     x = task.example_inputs().to(next(model.parameters()).device)
-    graph = adapter_obj.units(model, x)
+    graph = adapter_obj.units(model, x).verified(model, adapter_obj, x)
     manifold = task.manifold(seed)
     check_coverage(task, manifold, model, x)  # S must hold every class the model predicts
     return progressive_prune(

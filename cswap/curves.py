@@ -248,7 +248,8 @@ def setup_from_config(cfg: RunConfig, task_options: dict | None = None, test_opt
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     device = torch.device(cfg.device)
     model = model.to(device).eval()
-    graph = adapter.units(model, task.example_inputs().to(device))
+    x = task.example_inputs().to(device)
+    graph = adapter.units(model, x).verified(model, adapter, x)
     if not graph.layers:
         raise ModelError("the model has no prunable units")
     context = {"scorer": build_scorer(cfg.scorer, task), "test": build_test(test_ref, task),

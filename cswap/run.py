@@ -51,7 +51,7 @@ def describe(cfg: RunConfig) -> str:
     model, note = build_model(cfg.model, random_if_missing=True)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     x = task.example_inputs()
-    graph = adapter.units(model, x)
+    graph = adapter.units(model, x).verified(model, adapter, x)
     lines = [
         f"model      {cfg.model.source}:{cfg.model.name}  ({sum(p.numel() for p in model.parameters()):,} parameters; {note})",
         f"task       {cfg.task.name}  example input {tuple(x.shape)}",
@@ -192,7 +192,7 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     model, note = build_model(cfg.model)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     x = task.example_inputs()
-    graph = adapter.units(model, x)
+    graph = adapter.units(model, x).verified(model, adapter, x)
     if not graph.layers:
         raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in graph.skipped.items()))
     manifold = task.manifold(cfg.seed)

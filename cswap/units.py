@@ -12,6 +12,8 @@ left invalid) are reported as not prunable with the reason, never approximated.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -22,6 +24,10 @@ from torch import nn
 from torch_pruning import ops
 
 from .errors import ModelError
+
+log = logging.getLogger("cswap")
+#: after this many seconds a trace that is still running says so (some timm models take minutes)
+SLOW_TRACE_SECONDS = 30.0
 
 # Module types a channel may pass through without being mixed with other channels.
 _PER_CHANNEL = {
@@ -82,6 +88,8 @@ class UnitGraph:
     layers: list[Layer]
     skipped: dict[str, str]  # layer name -> why it is not prunable
     input_shape: tuple[int, ...]
+    # layers kept although their cut could not be checked against removal (see cswap.verify)
+    unverified: dict[str, str] = field(default_factory=dict)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -93,19 +101,52 @@ class UnitGraph:
     def num_units(self) -> int:
         return sum(layer.channels for layer in self.layers)
 
+    def verified(self, model: nn.Module, adapter, example_inputs: torch.Tensor) -> "UnitGraph":
+        """This graph with every layer whose cut is not its removal moved to `skipped`
+        (`cswap.verify.verify_units`; the core calls it wherever it builds units for a run)."""
+        from .verify import verify_units
+
+        return verify_units(model, self, adapter, example_inputs)
+
 
 def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     try:
-        with torch.enable_grad():  # torch-pruning traces through autograd
+        with torch.enable_grad(), _note_if_slow(f"torch-pruning is tracing {type(model).__name__}"):
             return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except MemoryError:
+        raise  # no second forward to find a culprit: the caller reports it (GenericAdapter.units)
     except Exception as exc:  # torch-pruning raises many kinds while tracing
         culprit = _first_failing_module(model, example_inputs)
         where = f" in module {culprit!r}" if culprit else ""
         raise ModelError(
-            f"torch-pruning could not trace the model{where}: {type(exc).__name__}: {exc}. "
+            f"torch-pruning could not trace the model{where}: {type(exc).__name__}: {one_line(exc)}. "
             "Hint: tracing covers the whole forward, so ignored_layers cannot skip this; use an "
             "adapter written for this architecture (see docs/architectures.md)."
         ) from exc
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters: errors a user reads
+    (CSwapError messages, skip reasons) are one line each."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _note_if_slow(what: str, after: float | None = None) -> Iterator[None]:
+    """Log a warning if the block is still running after `after` seconds: torch-pruning's
+    index mapping takes minutes on models with many reshapes (timm RexNet, CoAtNet: over
+    300 s), and a silent start-up that long looks like a hang."""
+    after = SLOW_TRACE_SECONDS if after is None else after
+    timer = threading.Timer(after, log.warning, args=(
+        "%s: still running after %.0f s; on models with many reshapes and concatenations this "
+        "can take minutes", what, after))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _first_failing_module(model: nn.Module, example_inputs: torch.Tensor) -> str | None:
@@ -202,14 +243,19 @@ def discover(model: nn.Module, example_inputs: torch.Tensor, ignored_layers: Ite
         for name in untraced:
             skipped[name] = "not used in the forward pass"
     ignored = list(ignored_layers)
-    for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(ops.TORCH_CONV, ops.TORCH_LINEAR)):
-        root = group[0].dep.target.module
-        name = names[root]
-        reason = _why_not_prunable(group, output_modules)
-        if reason:
-            skipped[name] = reason
-            continue
-        layers.append(_describe(group, name, names, param_names, order))
+    # every channel of every group is followed through the graph: minutes on some models (timm
+    # ECA-ResNets, RexNet: view/conv1d over channels), seconds elsewhere
+    with _note_if_slow(f"torch-pruning is following every channel of {type(model).__name__} to group them"):
+        for group in dg.get_all_groups(ignored_layers=ignored, root_module_types=(ops.TORCH_CONV, ops.TORCH_LINEAR)):
+            root = group[0].dep.target.module
+            name = names[root]
+            reason = _why_not_prunable(group, output_modules)
+            layer = None if reason else _describe(group, name, names, param_names, order)
+            reason = reason or _reads_out_of_range(layer, model)
+            if reason:
+                skipped[name] = reason
+                continue
+            layers.append(layer)
     layers.sort(key=lambda layer: (-layer.position, layer.name))
     return UnitGraph(layers, skipped, tuple(example_inputs.shape[1:]))
 
@@ -264,6 +310,19 @@ def _describe(group, name, names, param_names, order) -> Layer:
         reads=[(p, d, [sorted(s) for s in per]) for (p, d), per in reads.items()],
         frees=[(p, d, [len(s) for s in per]) for (p, d), per in frees.items()],
     )
+
+
+def _reads_out_of_range(layer: Layer, model: nn.Module) -> str | None:
+    """torch-pruning's index mapping can send a channel past a consumer's input width (timm
+    DPN's sliced dual paths): such a group cannot be cut, let alone removed."""
+    params = dict(model.named_parameters())
+    for pname, dim, per_channel in layer.reads:
+        size = params[pname].shape[dim]
+        worst = max((max(idx) for idx in per_channel if idx), default=-1)
+        if worst >= size:
+            return (f"torch-pruning maps its channels to input {worst} of {pname}, which has {size}: "
+                    "its channel mapping through this model's slicing is wrong")
+    return None
 
 
 def _out_channel_fns(module: nn.Module) -> set:
@@ -355,33 +414,51 @@ class ParamLedger:
         return freed
 
 
+class Remover:
+    """Physical removal with torch-pruning on one model, traced once for several removals.
+
+    Each `remove` call deletes channels of layers not touched by an earlier call, numbered
+    as on the unpruned model (channels of different layers never renumber each other).
+    `prune_units` is one call; `cswap.verify` removes layer after layer on one copy.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: torch.Tensor):
+        self.model = model
+        was_training = model.training
+        model.eval()
+        try:
+            self.graph = build_dependency_graph(model, example_inputs)
+        finally:
+            model.train(was_training)
+
+    def remove(self, units: Iterable[Unit]) -> nn.Module:
+        by_layer: dict[str, list[int]] = defaultdict(list)
+        for u in units:
+            by_layer[u.layer].append(u.channel)
+        for name, channels in by_layer.items():
+            module = self.model.get_submodule(name)
+            pruner = self.graph.get_pruner_of_module(module)
+            try:
+                group = self.graph.get_pruning_group(module, pruner.prune_out_channels, sorted(set(channels)))
+                group.prune()
+            except Exception as exc:  # torch-pruning raises assorted errors on layers it cannot cut
+                raise ModelError(
+                    f"torch-pruning could not remove channels of layer {name!r}: {type(exc).__name__}: {one_line(exc)}. "
+                    "Hint: leave that layer out (adapter option ignored_layers)."
+                ) from exc
+        return self.model
+
+
 def prune_units(model: nn.Module, example_inputs: torch.Tensor, units: Iterable[Unit]) -> nn.Module:
     """Physically remove `units` from `model` in place with torch-pruning.
 
     The result depends only on the set of units: each layer is pruned once with all of its
     channels in their original numbering, so the order of `units` does not matter.
     """
-    by_layer: dict[str, list[int]] = defaultdict(list)
-    for u in units:
-        by_layer[u.layer].append(u.channel)
-    if not by_layer:
+    units = list(units)
+    if not units:
         return model
-    was_training = model.training
-    model.eval()
-    dg = build_dependency_graph(model, example_inputs)
-    for name, channels in by_layer.items():
-        module = model.get_submodule(name)
-        pruner = dg.get_pruner_of_module(module)
-        try:
-            group = dg.get_pruning_group(module, pruner.prune_out_channels, sorted(set(channels)))
-            group.prune()
-        except Exception as exc:  # torch-pruning raises assorted errors on layers it cannot cut
-            raise ModelError(
-                f"torch-pruning could not remove channels of layer {name!r}: {type(exc).__name__}: {exc}. "
-                "Hint: leave that layer out (adapter option ignored_layers)."
-            ) from exc
-    model.train(was_training)
-    return model
+    return Remover(model, example_inputs).remove(units)
 
 
 def count_params(model: nn.Module) -> int:

@@ -31,7 +31,8 @@ def prepare(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: one batch sets the statistics exactly
     for name, p in model.named_parameters():
-        if name.endswith("layer_scale"):  # ConvNeXt starts its residual branches at 1e-6
+        near_zero_scale = p.dim() == 1 and p.numel() > 1 and bool((p.abs() <= 1e-4).all()) and not name.endswith("bias")
+        if name.endswith("layer_scale") or near_zero_scale:  # ConvNeXt, timm `gamma`/`ls*`: 1e-6 at init
             p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
         elif name.endswith("weight") and p.dim() >= 2 and not p.any():  # zero-initialised heads
             p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
@@ -57,7 +58,7 @@ def pick_units(graph, per_layer: int = 2, max_layers: int | None = None, seed: i
 
 @torch.no_grad()
 def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", *, per_layer: int = 2,
-                             max_layers: int | None = None, atol: float = 1e-5) -> dict:
+                             max_layers: int | None = None, atol: float = 1e-5, verify: bool = False) -> dict:
     """Remove units through the plan (as a run does) and compare with cutting them.
 
     Two comparisons: in float64 the two models must agree to rounding (1e-9 relative: the
@@ -69,10 +70,17 @@ def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", 
     Also checks that the cut changes the output (so the comparison is not vacuous), that
     the pruned model's parameter count is what ParamLedger predicted, and that it runs on
     another batch size. Cuts `model` in place and converts it to float64; returns numbers.
+
+    `verify=True` checks the graph a run analyses: the adapter's units after
+    `cswap.verify.verify_units` has left out the layers whose cut is not their removal (with
+    a reason each); the units tested here are drawn independently of the verification's.
     """
     model.eval()
     name, adapter = resolve_adapter(adapter, model)
     graph = adapter.units(model, x)
+    discovered = len(graph.layers)
+    if verify:
+        graph = graph.verified(model, adapter, x)
     assert graph.layers, f"no prunable layers: {graph.skipped}"
     units = pick_units(graph, per_layer, max_layers)
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in units], method="test", adapter=name)
@@ -99,6 +107,7 @@ def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", 
     tol = max(atol, 4 * noise32)
     torch.testing.assert_close(removed, intervened, atol=tol, rtol=0)
     return {"adapter": name, "layers": len(graph.layers), "skipped": len(graph.skipped), "units": len(units),
+            "discovered": discovered, "left_out": discovered - len(graph.layers),
             "scale": scale, "effect": effect, "diff32": (removed - intervened).abs().max().item(),
             "noise32": noise32, "diff64": diff64}
 
