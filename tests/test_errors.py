@@ -18,6 +18,7 @@ from cswap.interfaces import Scores, ScoringFunction
 from cswap.pruner import progressive_prune
 from adapters.cifar_resnet import cifar_resnet8
 from conftest import patterns
+from roundoff import RecordingTest, assert_no_knife_edge, float32_roundoff
 
 
 def test_empty_sample_set(tmp_path, config, capsys):
@@ -52,16 +53,20 @@ class SmallMemoryScorer(ScoringFunction):
         return self.inner.score(outputs, targets)
 
 
-def _analysis(scorer, batch_size):
+def _model():
+    torch.manual_seed(1)  # seed 0 has a unit whose significant xi is within round-off of 0
+    return cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
+
+
+def _analysis(scorer, batch_size, test=None):
     x, y = patterns(12, size=12)
-    torch.manual_seed(0)
-    model = cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
+    model = _model()
     _, adapter = resolve_adapter("auto", model)
     task = registry.create("tasks", "classification",
                            {"dataset": "tensors", "samples_per_class": 12, "eval_split": "train", "batch_size": batch_size},
                            tensors={"train": (x, y)})
     return progressive_prune(model, adapter.units(model, x[:1]), task.manifold(0), scorer,
-                             registry.create("tests", "paired_t"), adapter="resnet", progress=False)
+                             test or registry.create("tests", "paired_t"), adapter="resnet", progress=False)
 
 
 def test_out_of_memory_halves_the_batch_then_fails_clearly():
@@ -69,7 +74,10 @@ def test_out_of_memory_halves_the_batch_then_fails_clearly():
     with pytest.warns(UserWarning, match="out of memory with batches of 36 samples; retrying with 18"):
         plan = _analysis(scorer, batch_size=36)  # 36 -> 18 -> 9 -> 5
     assert max(scorer.sizes[-10:]) <= 8 and plan.steps
-    reference = _analysis(registry.create("scorers", "class_probability"), batch_size=9)
+    recorded = RecordingTest(registry.create("tests", "paired_t"))
+    reference = _analysis(registry.create("scorers", "class_probability"), batch_size=9, test=recorded)
+    # batches of 5 and of 9 round differently: the same decisions where none is on a knife edge
+    assert_no_knife_edge(recorded, roundoff=float32_roundoff(_model(), patterns(12, size=12)[0]))
     assert [(s.unit, s.category) for s in plan.steps] == [(s.unit, s.category) for s in reference.steps]
 
     class NoMemory(SmallMemoryScorer):
