@@ -111,6 +111,8 @@ def main() -> None:
                    "the full and the staged engine (asserted to give the same plan), at each M_k")
     p.add_argument("--unit-batches", default="", help="e.g. 4,8: also the staged engine evaluating that many "
                    "units per pass (pruning.unit_batch), asserted to give the staged plan")
+    p.add_argument("--plans-dir", type=Path, help="also write every plan as JSON here (to check that a change "
+                   "of the code leaves the plans byte-identical)")
     p.add_argument("--weights", type=Path, help="state dict of the ResNet-20 instead of training it "
                    "(fast_modes.py caches the same model in runs/fast_modes/)")
     args = p.parse_args()
@@ -140,6 +142,8 @@ def main() -> None:
         for engine in engines:
             plans[engine], times[engine], _ = analysis(model, mk, engine)
             print(f"M_k={mk:4d} {engine:7s} {times[engine]:8.1f} s  {plans[engine].category_counts()}", flush=True)
+            if args.plans_dir:
+                plans[engine].save(args.plans_dir / f"mk{mk}-{engine}.json")
         row = {"samples_per_class": mk, "seconds": times, "categories": plans["full"].category_counts()}
         if "staged" in plans:
             row["staged_plan_identical"] = plans["staged"].to_json() == plans["full"].to_json()
