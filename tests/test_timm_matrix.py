@@ -77,7 +77,7 @@ MODELS: dict[str, tuple[str, int, dict]] = {
     "focalnet_tiny_srf": ("FocalNet", 64, {}), "davit_tiny": ("DaViT", 64, {}), "hiera_tiny_224": ("Hiera", 64, VIT64),
     "vitamin_small_224": ("ViTamin", 64, VIT64),
 }
-# ~25 s on one CPU thread: plain and depthwise CNNs, grouped convolutions left out, LayerNorm
+# ~30 s on one CPU thread: plain and depthwise CNNs, grouped convolutions left out, LayerNorm
 # groups left out (ConvNeXt; ConvNeXt-V2 has none left), a hybrid and LeViT with layers the
 # check leaves out, MixNet's broken splits, and a ViT through the vit adapter's own removal
 DEFAULT = {"resnet10t", "regnetx_002", "mobilenetv3_small_050", "efficientnet_lite0", "convnext_atto",
@@ -139,3 +139,23 @@ def test_documented_models_are_tested_and_most_are_handled():
     assert counts and (int(counts[1]), int(counts[2])) == (handled, len(MODELS)), "the docs' count is stale"
     listed = set(re.findall(r"^\|\s*`([a-z0-9_]+)`\s*\|", section, flags=re.MULTILINE))
     assert listed == set(MODELS) - set(documented), "the handled table must list exactly the handled models"
+
+
+def test_dry_run_lists_the_layers_the_check_leaves_out(tmp_path, capsys, one_thread):
+    """`cswap prune --dry-run` on a timm model: the layers whose removal breaks LeViT's
+    attention downsampling are "not pruned" with the module and the error, before any run."""
+    import yaml
+
+    from cswap.cli import main
+
+    cfg = {"name": "levit", "model": {"source": "timm", "name": "levit_128s", "kwargs": {"img_size": 64, "num_classes": 10}},
+           "task": {"name": "classification",
+                    "options": {"dataset": "cifar10", "root": str(tmp_path / "absent"), "input_shape": [3, 64, 64]}},
+           "adapter": {"name": "auto"}, "output": {"dir": str(tmp_path / "runs")}}
+    path = tmp_path / "levit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "in 15 layers" in out
+    assert ("not pruned: stages.0.blocks.1.mlp.ln2.linear: removing channels [0, 64, 127] breaks the model's forward "
+            "in module 'stages.1.downsample.attn_downsample.q.ln.linear'") in out
