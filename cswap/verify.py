@@ -24,10 +24,12 @@ Adapters with their own `remove` (ViT heads) get a fresh copy per layer: nothing
 layer is cut, the verdict is the layer's own. With torch-pruning, whose trace takes from
 milliseconds to minutes, one copy is traced once and the layers are removed one after the
 other from the input side to the output side, each compared right after its removal with
-the cut model holding the same cuts: only layers nearer the input are cut then, and their
-few cut channels (themselves already verified) change the inputs of the layer under test
-identically in both copies; no layer that its outputs flow into is cut yet, so nothing can
-mask it. A layer that fails is restored in the cut copy and the removed copy is rebuilt
+the cut model holding the same cuts. Layers are ordered by when their last producer runs,
+so the layers a layer feeds come after it and are not cut yet: none can zero the path its
+error takes. The layers already cut (and verified) change its inputs identically in both
+copies. (The one gap: a residual stream's error read between its first and last producer
+could pass through a layer ordered before it; it is hidden only if all of it flows through
+that layer's three cut channels.) A layer that fails is restored in the cut copy and the removed copy is rebuilt
 without it (one more trace per failure).
 
 A cut that changes nothing on the probe (dead channels) verifies nothing, but its removal
@@ -81,7 +83,7 @@ def _verify(model: nn.Module, graph: UnitGraph, adapter, example_inputs: torch.T
                        graph.input_shape, unverified={**graph.unverified, **unverified})
     log.info("cut == removal checked per layer in %.1f s (%s): %d of %d layers pass, %d left out%s",
              time.perf_counter() - started, probe.dtype_name, len(result.layers), len(graph.layers), len(failed),
-             f", {len(unverified)} unverifiable (their cuts change nothing on the probe)" if unverified else "")
+             f", {len(unverified)} kept unverified (UnitGraph.unverified says why)" if unverified else "")
     for name, why in failed.items():
         log.warning("layer %s left out: %s", name, why)
     return result
