@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.generic import GenericAdapter
+from cswap.adapters.generic import GenericAdapter
 
 
 def _is_ddrnet_wrapper(model: nn.Module) -> bool:

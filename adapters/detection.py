@@ -1,4 +1,4 @@
-"""torchvision RetinaNet / FCOS (as `tasks.detection_model.DenseDetector`): units, protected
+"""torchvision RetinaNet / FCOS (as `cswap.models.detection.DenseDetector`): units, protected
 predictors, stage chain.
 
 Units are the channels of torch-pruning's dependency groups in the backbone, the FPN and
@@ -22,7 +22,7 @@ backbone and FPN still are).
 
 The tracing covers the whole wrapper (backbone + FPN + head + box decoding), which is
 possible because `DenseDetector` has no data-dependent selection (NMS, top-k) in its
-forward; see `tasks/detection_model.py`.
+forward; see `models/detection.py`.
 
 `stages` cuts the forward into normalisation + each backbone stage, the FPN, and the head
 with box decoding; a cut in the head re-runs only the head.
@@ -36,7 +36,7 @@ from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-from adapters.generic import GenericAdapter
+from cswap.adapters.generic import GenericAdapter
 
 _PREDICTORS = ("head.classification_head.cls_logits", "head.regression_head.bbox_reg",
                "head.regression_head.bbox_ctrness")

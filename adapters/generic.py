@@ -18,9 +18,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from cswap.errors import ConfigError, ModelError
-from cswap.interfaces import ArchitectureAdapter
-from cswap.units import UnitGraph, discover, one_line
+from cswap.discovery import discover
+from cswap.errors import ConfigError, ModelError, one_line
+from cswap.interfaces import ArchitectureAdapter, UnitGraph
 
 
 class GenericAdapter(ArchitectureAdapter):
@@ -30,9 +30,6 @@ class GenericAdapter(ArchitectureAdapter):
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
         ignored_layers: list[str] = []
-
-    def __init__(self, options: "GenericAdapter.Options | None" = None, **_):
-        self.options = options or self.Options()
 
     def matches(self, model: nn.Module) -> bool:
         return True

@@ -5,7 +5,7 @@ filter per channel, so it joins the group of the expansion convolution that feed
 unit = one expanded channel through expand, depthwise and project), and the linear
 bottlenecks of a stage's residual blocks are coupled by their additions (one unit = one
 channel of that stream in every block of the stage). Zeroing the consumers' input columns
-equals removal for all of them (measured to ~1e-6, DESIGN.md §4). The classifier is never
+equals removal for all of them (measured to ~1e-6; docs/architectures.md). The classifier is never
 pruned; the 1280-channel last convolution is, since only the classifier reads it.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 
-from adapters.generic import GenericAdapter
+from cswap.adapters.generic import GenericAdapter
 
 
 class _Head(nn.Module):

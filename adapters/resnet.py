@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import ResNet
 
-from adapters.cifar_resnet import CifarResNet
-from adapters.generic import GenericAdapter
+from cswap.adapters.generic import GenericAdapter
+from cswap.models.cifar_resnet import CifarResNet
 
 
 class _Head(nn.Module):

@@ -3,7 +3,7 @@
 Units are the hidden neurons of every MLP (a row of fc1, the matching column of fc2) and the
 attention heads of every timm `Attention` (that head's q, k and v rows of qkv, its columns of
 proj). The embedding (residual-stream) dimension is never a unit: every LayerNorm reads it,
-so zeroing it is not removing it (DESIGN.md §4), and this is why the adapter builds its own
+so zeroing it is not removing it (docs/architectures.md), and this is why the adapter builds its own
 `UnitGraph` instead of using torch-pruning's groups, which would make the embedding a unit
 and cannot express "one head" as one channel.
 
@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from cswap.errors import ConfigError, ModelError
-from cswap.interfaces import ArchitectureAdapter
-from cswap.units import Layer, Unit, UnitGraph
+from cswap.hooks import trace_calls
+from cswap.interfaces import ArchitectureAdapter, Layer, Unit, UnitGraph
 
 HEADS, NEURONS = "heads", "neurons"
 
@@ -141,24 +141,14 @@ def _layer(site: Site, model: nn.Module, position: int) -> Layer:
 
 
 def _execution_order(model: nn.Module, names: Iterable[str], example_inputs: torch.Tensor) -> dict[str, int]:
-    order: dict[str, int] = {}
     modules = dict(model.named_modules())
-
-    def record(name: str):
-        def hook(*_) -> None:  # returning None keeps the module's output
-            order.setdefault(name, len(order))
-        return hook
-
-    hooks = [modules[n].register_forward_hook(record(n)) for n in names]
     was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(example_inputs)
+        order = trace_calls(model.eval(), example_inputs, [modules[n] for n in names]).order
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return order
+    index = {m: n for n, m in modules.items()}
+    return {index[m]: i for m, i in order.items()}
 
 
 def _keep(weight_like: torch.Tensor, dim: int, drop: set[int]) -> nn.Parameter:
@@ -200,15 +190,13 @@ class _Call(nn.Module):
 class VitAdapter(ArchitectureAdapter):
     name = "vit"
     priority = 10
+    removes_units = True  # heads are not channels of a torch-pruning group
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
         heads: bool = True  # prune attention heads
         mlp: bool = True  # prune MLP hidden neurons
         ignored_layers: list[str] = []  # attention modules or fc1 layers to leave whole
-
-    def __init__(self, options: "VitAdapter.Options | None" = None, **_):
-        self.options = options or self.Options()
 
     def matches(self, model: nn.Module) -> bool:
         _, _, timm_vits = _timm_types()
@@ -247,7 +235,7 @@ class VitAdapter(ArchitectureAdapter):
         return None
 
     # ---- removal --------------------------------------------------------------------
-    def remove(self, model: nn.Module, units: Iterable[Unit]) -> nn.Module:
+    def remove(self, model: nn.Module, units: Iterable[Unit]) -> None:
         """Physically delete `units` (numbered as on the unpruned model) and fix attributes.
 
         Called by `PruningPlan.apply_prefix` in place of torch-pruning's removal.
@@ -269,7 +257,6 @@ class VitAdapter(ArchitectureAdapter):
                 _drop_rows(modules[site.gate], {r for c in channels for r in site.cols(c)})
             _drop_cols(modules[site.consumer], {k for c in channels for k in site.cols(c)})
         self.after_pruning(model)
-        return model
 
     def after_pruning(self, model: nn.Module) -> None:
         """timm >= 1.0 reshapes q, k, v with `num_heads` and `head_dim` and the output with

@@ -52,7 +52,7 @@ FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 
 def compose(path: Path, classes: tuple[int, ...], splits: dict[str, int], size: int, seed: int) -> dict:
     """Scenes per split; train from Fashion-MNIST train items, the other splits from its test items."""
-    from tasks.detection_scenes import make_scenes
+    from cswap.tasks.detection_scenes import make_scenes
 
     arrays = {}
     for j, (split, n) in enumerate(splits.items()):
@@ -69,7 +69,7 @@ def compose(path: Path, classes: tuple[int, ...], splits: dict[str, int], size: 
 
 
 def train(model, task, n_train: int, steps: int, lr: float, batch: int, seed: int) -> dict:
-    from tasks.detection_model import train_detector
+    from cswap.models.detection_training import train_detector
 
     x = task.images("train", range(n_train))
     y = task.targets("train", range(n_train), 3)
@@ -98,7 +98,7 @@ def diagnose(setup, plan, k: int, label: str) -> dict:
     box, the best IoU x score over all anchors; false positives do not lower it."""
     from torchvision.ops import box_iou
 
-    from scorers.detection import DetectionMatchScorer
+    from cswap.scorers.detection import DetectionMatchScorer
 
     task = setup.task
     pruned = plan.apply_prefix(setup.model, k, adapter=setup.adapter).eval()
@@ -132,7 +132,7 @@ def diagnose(setup, plan, k: int, label: str) -> dict:
 
 
 def average_precision_50(detections, truth, num_classes: int) -> float:
-    from tasks.detection_ap import average_precision
+    from cswap.tasks.detection_ap import average_precision
 
     return average_precision(detections, truth, num_classes, iou_thresholds=(0.5,))["mAP50"]
 
@@ -169,9 +169,10 @@ def main(argv=None) -> int:
 
     from cswap import registry
     from cswap.config import parse_config
-    from cswap.curves import CriterionSpec, CurveResult, parse_ratios, rows_csv, run_curves, write_curve_outputs
+    from cswap.curves import CriterionSpec, parse_ratios, run_curves
     from cswap.files import load_checkpoint
-    from tasks.detection_model import tiny_retinanet
+    from cswap.models.detection import tiny_retinanet
+    from cswap.reports import CurveResult, rows_csv, write_curve_outputs
 
     started = time.perf_counter()
     out, work = args.out.resolve(), args.work.resolve()

@@ -32,13 +32,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from adapters.cifar_resnet import CifarResNet  # noqa: E402
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
 from cswap import registry  # noqa: E402
 from cswap.bound import unavoidable_share  # noqa: E402
-from cswap.build import resolve_adapter  # noqa: E402
+from cswap.build import resolve_adapter, units_of  # noqa: E402
+from cswap.interfaces import Analysis  # noqa: E402
+from cswap.models.cifar_resnet import CifarResNet  # noqa: E402
+from cswap.options import PruningOptions  # noqa: E402
+from cswap.plan import PruningPlan  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
-from benchmarks.datasets import fashion_mnist_root  # noqa: E402
-from tasks.idx_files import load_mnist_split  # noqa: E402
+from cswap.tasks.classification import ClassificationTask  # noqa: E402
+from cswap.tasks.idx_files import load_mnist_split  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530
 
@@ -69,33 +73,30 @@ def fit(model: nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> 
     return model.eval()
 
 
-def _setup(model, samples_per_class: int, seed: int):
-    _, adapter = resolve_adapter("auto", model)
+def _setup(model, samples_per_class: int, seed: int, **options) -> Analysis:
+    """The ResNet-20's analysis on 20,000 training images, S of M_k per class, the default test."""
+    name, adapter = resolve_adapter("auto", model)
     x, y = fashion("train", 20000, seed + 1)
-    task = registry.create("tasks", "classification",
-                           {"dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train"},
-                           tensors={"train": (x, y)})
-    return adapter, task, adapter.units(model, x[:1])
+    task = ClassificationTask.from_tensors(x, y, samples_per_class)
+    return Analysis(model, units_of(adapter, model, x[:1], verify=False), task,
+                    registry.create("scorers", "class_probability"), registry.create("tests", "paired_t", {}),
+                    adapter, name, torch.device("cpu"), PruningOptions(**options), example_inputs=x[:1])
 
 
 def baseline(model, samples_per_class: int, name: str, engine: str, seed: int = 0):
     """A causal baseline criterion (cbp, amp) with the given engine: its plan and seconds."""
-    adapter, task, graph = _setup(model, samples_per_class, seed)
-    criterion = registry.create("criteria", name, {"engine": engine}, adapter="resnet", stages=adapter.stages)
+    a = _setup(model, samples_per_class, seed, engine=engine)
     t0 = time.perf_counter()
-    plan = criterion.plan(model, graph, task, seed)
+    plan = PruningPlan.from_ranking(model, a.units, registry.create("criteria", name).rank(a, seed),
+                                    adapter=a.adapter_name)
     return plan, time.perf_counter() - t0
 
 
 def analysis(model, samples_per_class: int, engine: str, seed: int = 0, unit_batch: int = 1):
-    adapter, task, graph = _setup(model, samples_per_class, seed)
-    manifold = task.manifold(seed)
-    scorer = registry.create("scorers", "class_probability")
-    test = registry.create("tests", "paired_t", {})
+    a = _setup(model, samples_per_class, seed, engine=engine, unit_batch=unit_batch)
     t0 = time.perf_counter()
-    plan = progressive_prune(model, graph, manifold, scorer, test, adapter="resnet", seed=seed,
-                             progress=False, stages=adapter.stages, engine=engine, unit_batch=unit_batch)
-    return plan, time.perf_counter() - t0, graph
+    plan = PruningPlan.from_ranking(model, a.units, progressive_prune(a, seed), adapter=a.adapter_name)
+    return plan, time.perf_counter() - t0, a.units
 
 
 def main() -> None:

@@ -144,7 +144,8 @@ def part_train(arch: str, args, out: Path, work: Path, timings: Timings) -> None
 
 def part_table3(arch: str, args, out: Path, work: Path, timings: Timings) -> None:
     """Every criterion x seed with run_curves; one cached result file per criterion."""
-    from cswap.curves import CurveResult, parse_criteria, parse_ratios, run_curves, setup_from_config, write_curve_outputs
+    from cswap.curves import parse_criteria, parse_ratios, run_curves, setup_from_config
+    from cswap.reports import CurveResult, write_curve_outputs
 
     dest = out / "table3"
     cfg = arch_config(arch, args)
@@ -225,7 +226,7 @@ def part_samples(arch: str, args, out: Path, work: Path, timings: Timings) -> No
 
 def sweep_part(arch: str, args, out: Path, work: Path, timings: Timings, part: str, grid, key, title: str) -> None:
     """One cached run_sweep per setting of `grid` (named by `key(setting)`), then the part's tables."""
-    from cswap.sweep import write_sweep_outputs
+    from cswap.reports import write_sweep_outputs
 
     cfg = arch_config(arch, args)
     jobs = [(key(g), cfg, g, args.sweep_seeds) for g in grid]

@@ -32,16 +32,17 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
+from engine_speed import fashion, fit, quick_train  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.datasets import fashion_mnist_root  # noqa: E402
 from cswap import registry  # noqa: E402
 from cswap.build import resolve_adapter  # noqa: E402
 from cswap.curves import replay_curve  # noqa: E402
-from cswap.fast import FastOptions  # noqa: E402
+from cswap.options import FastOptions  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.sauce import sauce  # noqa: E402
-from benchmarks.datasets import fashion_mnist_root  # noqa: E402
-from engine_speed import fashion, fit, quick_train  # noqa: E402
+from cswap.tasks.classification import ClassificationTask  # noqa: E402
 
 MODES = {
     "exact": {},
@@ -99,9 +100,7 @@ def run_mode(model, graph, adapter_name, adapter, task, fast: dict, seed: int, u
 def benchmark(name: str, model: nn.Module, samples_per_class: int, seed: int, modes: list[str]) -> dict:
     x, y = fashion("train", 20000, seed + 1)
     xt, yt = fashion("test", 2000, 5)
-    task = registry.create("tasks", "classification", {
-        "dataset": "tensors", "samples_per_class": samples_per_class, "manifold_split": "train",
-        "eval_split": "test", "batch_size": 64}, tensors={"train": (x, y), "test": (xt, yt)})
+    task = ClassificationTask.from_tensors(x, y, samples_per_class, test=(xt, yt), batch_size=64)
     adapter_name, adapter = resolve_adapter("auto", model)
     graph = adapter.units(model, x[:1])
     out = {"model": name, "units": graph.num_units, "samples_per_class": samples_per_class,

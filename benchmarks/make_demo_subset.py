@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np
 
 from benchmarks.datasets import fashion_mnist_root
-from tasks.idx_files import FASHION_MNIST_CLASSES, load_mnist_split
+from cswap.tasks.idx_files import FASHION_MNIST_CLASSES, load_mnist_split
 
 
 def balanced_sample(labels: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:

@@ -41,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tasks, scorers, adapters, criteria: the repository's plugins
 
 from benchmarks.datasets import fashion_mnist_root  # noqa: E402
+from cswap.removal import count_params  # noqa: E402
 
 BACKGROUND = 10
 DDRNET = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
@@ -140,8 +141,8 @@ def main(argv=None) -> int:
 
     from cswap import registry
     from cswap.cli import main as cswap_main
-    from tasks.idx_files import load_mnist_split
-    from tasks.mmseg_model import build_mmseg_model
+    from cswap.models.mmseg import build_mmseg_model
+    from cswap.tasks.idx_files import load_mnist_split
 
     out, work = args.out.resolve(), args.work.resolve()
     size = tuple(int(v) for v in args.size.split(","))
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         log_path.write_text(json.dumps(training) + "\n")
     model.eval()
     trained = task.evaluate(model)
-    setup = {"args": {k: str(v) for k, v in vars(args).items()}, "params": sum(p.numel() for p in model.parameters()),
+    setup = {"args": {k: str(v) for k, v in vars(args).items()}, "params": count_params(model),
              **training, "trained_eval": trained, "checkpoint": str(weights)}
     out.mkdir(parents=True, exist_ok=True)
     if args.train_only:
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         curve_seconds[c] = float((part / "wall_seconds.txt").read_text())
     costs = []
     if rc == 0:
-        from cswap.curves import CurveResult, write_curve_outputs
+        from cswap.reports import CurveResult, write_curve_outputs
 
         first = parts[0][2]
         result = CurveResult(first["metric"], first["unpruned"], first["params_total"],

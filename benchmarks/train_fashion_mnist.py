@@ -41,15 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.cifar_resnet import (
+from benchmarks.datasets import fashion_mnist_root
+from cswap.removal import count_params
+from cswap.models.cifar_resnet import (
     cifar_resnet8,
     cifar_resnet14,
     cifar_resnet20,
     cifar_resnet32,
 )
-from adapters.small_mobilenet import fmnist_mobilenetv2
-from benchmarks.datasets import fashion_mnist_root
-from tasks.idx_files import load_mnist_split
+from cswap.models.small_mobilenet import fmnist_mobilenetv2
+from cswap.tasks.idx_files import load_mnist_split
 
 # Name -> builder(width=..., num_classes=..., in_channels=...). Add new model families here.
 ARCHS = {
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     x_test, y_test = normalise(test_images), torch.from_numpy(test_labels)
 
     model = build_model(args)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_params(model)
     steps_per_epoch = math.ceil(len(x_train) / args.batch_size)
     optimizer = make_optimizer(model, args)
     total_steps = args.epochs * steps_per_epoch

@@ -30,10 +30,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cswap.errors import ModelError
-from cswap.interfaces import Task
-from cswap.units import UnitGraph
+from cswap.interfaces import Analysis
+from cswap.ranking import RankingOptions
 
-from .base import RankingCriterion, RankingOptions, channel_sources, manifold_on, reduce_per_channel
+from .base import RankingCriterion, channel_sources, reduce_per_channel
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.ELU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.LeakyReLU, nn.SiLU,
                 nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.PReLU)
@@ -114,9 +114,10 @@ class AttributionCriterion(RankingCriterion):
         o = self.options
         return {"n_steps": o.n_steps, "internal_batch_size": o.internal_batch_size} if self.integrates else {}
 
-    def scores(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> dict[str, np.ndarray]:
-        manifold = manifold_on(task, seed, self.device)
-        work = copy.deepcopy(model).to(self.device).eval()
+    def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
+        units, device = analysis.units, analysis.device
+        manifold = analysis.task.manifold(seed).to(device)
+        work = copy.deepcopy(analysis.model).to(device).eval()
         work = self.prepare(work, manifold.batches[0][0][:1])
         cls = self.captum_class()
         sources = {layer.name: channel_sources(work, layer) if self.options.sources == "producers"
@@ -127,7 +128,7 @@ class AttributionCriterion(RankingCriterion):
         # which for layers in series is not each layer's IG (and fails: upstream is unused),
         # so each module gets its own call.
         calls = [modules] if self.multi_layer else [[m] for m in modules]
-        for group in tqdm(calls, desc=self.name, unit="module", disable=not self.progress):
+        for group in tqdm(calls, desc=self.name, unit="module", disable=not analysis.progress):
             method = cls(work, group if self.multi_layer else group[0])
             for x, y in manifold:
                 try:

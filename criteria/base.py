@@ -1,104 +1,41 @@
-"""What every ranking criterion shares: options, global ranking, and the plan it returns.
+"""What every baseline criterion shares: a global ranking of per-unit scores, and the
+helpers of the criteria that attribute to channels.
 
-A baseline criterion scores each unit once on the unpruned model (higher = more important),
-and the plan removes units from the least to the most important, *globally* across layers,
-as the paper's baselines do. Scales differ between layers for most scores (a gradient at the
-stem is not comparable with one at the last block), so `normalize: layer` divides every
-score by the mean |score| of its layer first; it is an option because the paper ranks raw
-scores, and the benchmark reports both.
-
-Ties (a dead unit scores 0 under most criteria) are broken by a seeded permutation, so the
-seed changes only what the scores leave undecided.
+A baseline scores each unit once on the unpruned model (higher = more important) and the
+ranking removes units from the least to the most important, *globally* across layers, as the
+paper's baselines do (`cswap.ranking`: options, per-layer normalisation, seeded ties).
 """
 from __future__ import annotations
 
-from typing import Literal
+from abc import abstractmethod
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from cswap import registry
 from cswap.errors import ModelError
-from cswap.interfaces import Criterion, Manifold, ScoringFunction, SignificanceTest, Task
-from cswap.plan import RANKED, PlanStep, PruningPlan
-from cswap.units import Layer, Unit, UnitGraph
-
-
-class RankingOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    normalize: Literal["none", "layer"] = "none"
+from cswap.interfaces import Analysis, Criterion, Layer, Ranking
+from cswap.ranking import RankingOptions, rank_globally
 
 
 class RankingCriterion(Criterion):
-    """Base of the one-shot baselines: subclasses implement `scores`, this makes the plan."""
+    """Base of the one-shot baselines: subclasses implement `scores`, this ranks the units
+    globally (`cswap.ranking.rank_globally`)."""
 
     name = "ranking"
     Options = RankingOptions
 
-    def __init__(self, options=None, *, adapter: str = "generic", device: torch.device | str = "cpu",
-                 progress: bool = False, **context):
-        self.options = options or self.Options()
-        self.adapter = adapter
-        self.device = torch.device(device)
-        self.progress = progress
-        self.context = context
-
-    def scores(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> dict[str, np.ndarray]:
+    @abstractmethod
+    def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
         """Importance of every unit, by layer name (one value per channel; higher = keep)."""
-        raise NotImplementedError
 
-    def plan(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> PruningPlan:
-        model.eval()
-        per_layer = self.scores(model, units, task, seed)
-        steps = rank_globally(per_layer, units, seed, normalize=self.options.normalize)
-        return PruningPlan.build(model, units, steps, method=self.name, adapter=self.adapter,
-                                 meta={"seed": seed, "options": self.options.model_dump()})
+    def rank(self, analysis: Analysis, seed: int) -> Ranking:
+        analysis.model.eval()
+        steps = rank_globally(self.scores(analysis, seed), analysis.units, seed, normalize=self.options.normalize)
+        return Ranking(self.name, steps, meta={"seed": seed, "options": self.options.model_dump()})
 
 
-def normalize_layer(values: np.ndarray) -> np.ndarray:
-    """Divide by the layer's mean |score| so every layer's scores average 1 in magnitude."""
-    scale = np.abs(values).mean()
-    return values / scale if scale > 0 else values
-
-
-def rank_globally(per_layer: dict[str, np.ndarray], graph: UnitGraph, seed: int,
-                  normalize: str = "none") -> list[PlanStep]:
-    """Steps for every unit, least important first; ties in a seeded random order."""
-    units: list[Unit] = []
-    values: list[float] = []
-    for layer in graph.layers:
-        if layer.name not in per_layer:
-            raise ModelError(f"no scores for layer {layer.name!r}")
-        v = np.asarray(per_layer[layer.name], dtype=np.float64).reshape(-1)
-        if v.shape[0] != layer.channels:
-            raise ModelError(f"layer {layer.name!r}: {v.shape[0]} scores for {layer.channels} channels")
-        if not np.isfinite(v).all():
-            raise ModelError(f"layer {layer.name!r}: non-finite importance scores")
-        if normalize == "layer":
-            v = normalize_layer(v)
-        units += layer.units()
-        values += v.tolist()
-    order = np.random.default_rng(seed).permutation(len(units))
-    order = order[np.argsort(np.asarray(values)[order], kind="stable")]
-    return [PlanStep(units[i], RANKED, score=float(values[i])) for i in order]
-
-
-# ---- helpers shared by the criteria that run the model on S --------------------------------
-
-def task_scorer_and_test(task: Task, context: dict, test_options: dict) -> tuple[ScoringFunction, SignificanceTest]:
-    """The scorer and the significance test: given by the caller (context) or the task's defaults."""
-    scorer = context.get("scorer") or registry.create("scorers", task.default_scorer)
-    test = context.get("test") or registry.create("tests", task.default_test, test_options)
-    return scorer, test
-
-
-def manifold_on(task: Task, seed: int, device: torch.device) -> Manifold:
-    m = task.manifold(seed)
-    return Manifold([(x.to(device), y.to(device) if torch.is_tensor(y) else y) for x, y in m.batches],
-                    m.class_counts)
-
+# ---- helpers of the criteria that attribute to channels ----------------------------------
 
 def channel_sources(model: nn.Module, layer: Layer) -> list[nn.Module]:
     """Modules whose outputs carry the layer's channels, index for index.

@@ -35,10 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cswap.errors import ModelError
-from cswap.interfaces import Task
-from cswap.units import UnitGraph
+from cswap.interfaces import Analysis
+from cswap.ranking import RankingOptions
 
-from .base import RankingCriterion, RankingOptions, channel_sources, manifold_on, reduce_per_channel
+from .base import RankingCriterion, channel_sources, reduce_per_channel
 
 
 def _zennit():
@@ -129,10 +129,11 @@ class LRPCriterion(RankingCriterion):
         composite: Literal["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat"] = "epsilon_plus_flat"
         sources: Literal["producers", "root"] = "producers"
 
-    def scores(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> dict[str, np.ndarray]:
+    def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
         zennit = _zennit()
-        manifold = manifold_on(task, seed, self.device)
-        gm = residual_sums_as_modules(copy.deepcopy(model).to(self.device).eval())
+        units = analysis.units
+        manifold = analysis.task.manifold(seed).to(analysis.device)
+        gm = residual_sums_as_modules(copy.deepcopy(analysis.model).to(analysis.device).eval())
         sources = {layer.name: channel_sources(gm, layer) if self.options.sources == "producers"
                    else [gm.get_submodule(layer.name)] for layer in units.layers}
         modules = {m for ms in sources.values() for m in ms}
@@ -154,7 +155,7 @@ class LRPCriterion(RankingCriterion):
         hooks = [m.register_forward_hook(capture) for m in modules]
         try:
             with composite.context(gm) as modified:
-                for x, y in tqdm(manifold, desc=self.name, unit="batch", disable=not self.progress):
+                for x, y in tqdm(manifold, desc=self.name, unit="batch", disable=not analysis.progress):
                     x = x.detach().clone().requires_grad_(True)
                     out = modified(x)
                     if out.dim() != 2:

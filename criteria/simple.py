@@ -6,13 +6,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch_pruning as tp
-from torch import nn
 
+from cswap.discovery import build_dependency_graph
 from cswap.errors import ModelError
-from cswap.interfaces import Task
-from cswap.units import UnitGraph, build_dependency_graph
+from cswap.interfaces import Analysis
+from cswap.ranking import RankingOptions
 
-from .base import RankingCriterion, RankingOptions
+from .base import RankingCriterion
 
 
 class RandomCriterion(RankingCriterion):
@@ -20,16 +20,16 @@ class RandomCriterion(RankingCriterion):
 
     name = "random"
 
-    def scores(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> dict[str, np.ndarray]:
+    def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, 0x5EED])
-        return {layer.name: rng.random(layer.channels) for layer in units.layers}
+        return {layer.name: rng.random(layer.channels) for layer in analysis.units.layers}
 
 
 class MagnitudeCriterion(RankingCriterion):
     """OMP: the L1 or L2 norm of each unit's weights across its whole dependency group.
 
     Uses torch-pruning's `GroupMagnitudeImportance` on the same DependencyGraph groups that
-    `cswap.units.discover` turns into layers (our layer name is the group's root module), so
+    `cswap.discovery.discover` turns into layers (our layer name is the group's root module), so
     a residual-stream unit is scored by all the coupled slices that removing it deletes.
     torch-pruning's own per-group normaliser is switched off: `normalize` (none | layer) is
     ours, applied the same way for every criterion.
@@ -41,7 +41,8 @@ class MagnitudeCriterion(RankingCriterion):
         p: Literal[1, 2] = 2
         group_reduction: Literal["mean", "sum", "max"] = "mean"
 
-    def scores(self, model: nn.Module, units: UnitGraph, task: Task, seed: int) -> dict[str, np.ndarray]:
+    def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
+        model, units = analysis.model, analysis.units
         importance = tp.importance.GroupMagnitudeImportance(
             p=self.options.p, group_reduction=self.options.group_reduction, normalizer=None)
         x = torch.zeros((1, *units.input_shape), device=next(model.parameters()).device)

@@ -4,18 +4,32 @@
     small = plan.apply(model)                  # non-critical units removed, physically
     small = plan.apply(model, params_ratio=.5) # then critical ones, least beneficial first
     plan.save("plan.json"); plan = cswap.PruningPlan.load("plan.json")
+
+The layers, the data flow of a run and how to add a plugin: docs/design.md.
 """
 from .api import analyze
 from .interfaces import (
-    ArchitectureAdapter, Criterion, Decision, Manifold, Scores, ScoringFunction, SignificanceTest, Task,
+    Analysis,
+    ArchitectureAdapter,
+    Criterion,
+    Decision,
+    Manifold,
+    PlanStep,
+    Ranking,
+    Scores,
+    ScoringFunction,
+    SignificanceTest,
+    Task,
+    Unit,
+    UnitGraph,
 )
-from .plan import PlanStep, PruningPlan
+from .options import FastOptions, PruningOptions
+from .plan import PruningPlan
 from .run import load_pruned, run_prune
-from .units import Unit
 
 __version__ = "0.1.0"
 __all__ = [
-    "analyze", "load_pruned", "run_prune", "PruningPlan", "PlanStep", "Unit",
-    "ArchitectureAdapter", "Criterion", "Decision", "Manifold", "Scores", "ScoringFunction",
-    "SignificanceTest", "Task",
+    "analyze", "load_pruned", "run_prune", "PruningPlan", "PruningOptions", "FastOptions", "PlanStep", "Ranking",
+    "Unit", "UnitGraph", "Analysis", "ArchitectureAdapter", "Criterion", "Decision", "Manifold", "Scores",
+    "ScoringFunction", "SignificanceTest", "Task",
 ]

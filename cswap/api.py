@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from . import registry
-from .build import resolve_adapter
-from .config import PluginRef
+from .build import analysis_for
 from .coverage import check_coverage
+from .errors import ConfigError
 from .interfaces import Task
+from .options import PruningOptions
 from .plan import PruningPlan
 from .pruner import progressive_prune
 
@@ -19,46 +20,41 @@ def analyze(
     model: nn.Module,
     data: Task | tuple[torch.Tensor, torch.Tensor],
     *,
-    samples_per_class: int = 128,
-    alpha: float = 0.05,
-    voting: str = "per_class",
-    correction: str = "none",
+    samples_per_class: int | None = None,
+    alpha: float | None = None,
     test_options: dict[str, Any] | None = None,
     scorer: str | None = None,
     adapter: str = "auto",
+    task: str = "classification",
     seed: int = 0,
-    shuffle_units: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
-    engine: str = "auto",
-    unit_batch: int | str = 1,
+    options: PruningOptions | None = None,
+    **pruning: Any,
 ) -> PruningPlan:
     """Run progressive C-SWAP (Algorithm 1) and return the plan; `model` is left unchanged.
 
-    `data` is a Task, or `(inputs, targets)` tensors of a classification problem from which
-    S takes `samples_per_class` samples of every class (seeded).
+    `data` is a Task, or `(inputs, targets)` tensors from which the registered task `task`
+    (one that `accepts_tensors`) draws S, `samples_per_class` (default 128) of every class,
+    seeded. `alpha` sets the significance level of the task's test; `test_options` are that
+    test's own options. The run's pruning options are `options`, or keyword arguments of
+    `cswap.options.PruningOptions` (`engine`, `unit_batch`, `shuffle_units`, `fast`, ...).
     """
-    if isinstance(data, Task):
-        task = data
-    else:
-        inputs, targets = data
-        task = registry.create(
-            "tasks", "classification",
-            {"dataset": "tensors", "samples_per_class": samples_per_class,
-             "manifold_split": "train", "eval_split": "train"},
-            tensors={"train": (inputs, targets)},
-        )
-    options = {"alpha": alpha, "voting": voting, "correction": correction, **(test_options or {})}
-    test = registry.create("tests", task.default_test, options)
-    score_fn = registry.create("scorers", scorer or task.default_scorer)
-    adapter_name, adapter_obj = resolve_adapter(PluginRef(name=adapter), model)
-    model.eval()
-    x = task.example_inputs().to(next(model.parameters()).device)
-    graph = adapter_obj.units(model, x).verified(model, adapter_obj, x)
-    manifold = task.manifold(seed)
-    check_coverage(task, manifold, model, x)  # S must hold every class the model predicts
-    return progressive_prune(
-        model, graph, manifold, score_fn, test, adapter=adapter_name,
-        seed=seed, shuffle_units=shuffle_units, device=device, progress=progress,
-        stages=adapter_obj.stages, engine=engine, unit_batch=unit_batch,
-    )
+    options = options if options is not None else PruningOptions(**pruning)
+    the_task = data if isinstance(data, Task) else _tensor_task(task, *data, samples_per_class or 128)
+    test = registry.create("tests", the_task.default_test, test_options)
+    if alpha is not None:
+        test = test.with_alpha(alpha)
+    analysis = analysis_for(model, the_task, scorer=scorer, test=test, adapter=adapter, options=options,
+                            device=device, progress=progress)
+    manifold = the_task.manifold(seed, samples_per_class)
+    check_coverage(the_task, manifold, model, analysis.example_inputs)  # S must hold every class the model predicts
+    ranking = progressive_prune(analysis, seed, manifold=manifold)
+    return PruningPlan.from_ranking(model, analysis.units, ranking, adapter=analysis.adapter_name)
+
+
+def _tensor_task(name: str, inputs: torch.Tensor, targets: torch.Tensor, samples_per_class: int) -> Task:
+    cls = registry.load("tasks", name)
+    if not cls.accepts_tensors:
+        raise ConfigError(f"task {name!r} cannot be built from tensors; pass a Task, or a task that accepts tensors")
+    return cls.from_tensors(inputs, targets, samples_per_class)

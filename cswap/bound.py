@@ -12,38 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .units import UnitGraph
-
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-@torch.no_grad()
-def module_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[nn.Module, int], dict[nn.Module, int]]:
-    """MACs per sample of every conv/linear module, and their execution order."""
-    macs: dict[nn.Module, int] = {}
-    order: dict[nn.Module, int] = {}
-
-    def hook(module, args, out) -> None:
-        order.setdefault(module, len(order))
-        n = out.shape[0]
-        if isinstance(module, nn.Linear):
-            macs[module] = macs.get(module, 0) + out.numel() // n * module.in_features
-        else:
-            k = module.weight[0].numel()  # in_channels / groups * kernel size
-            macs[module] = macs.get(module, 0) + out.numel() // n * k
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED)]
-    try:
-        model.eval()(example_inputs[:1])
-    finally:
-        for h in hooks:
-            h.remove()
-    return macs, order
+from .hooks import trace_calls
+from .interfaces import UnitGraph
+from .metrics import WEIGHTED, module_macs
 
 
 def unavoidable_share(model: nn.Module, graph: UnitGraph, example_inputs: torch.Tensor) -> dict[str, float]:
     """Mean over units of (MACs from the first reader on) / (MACs of a full forward)."""
-    macs, order = module_macs(model, example_inputs)
+    macs = module_macs(model, example_inputs)
+    order = trace_calls(model.eval(), example_inputs[:1], [m for m in model.modules() if isinstance(m, WEIGHTED)]).order
     total = sum(macs.values())
     cached = delta = 0.0
     units = 0

@@ -1,18 +1,24 @@
-"""Turn a config into live objects: model, task, adapter, scorer, significance test.
+"""Turn a config into live objects: model, task, adapter, scorer, test, and the `Analysis`
+that joins them.
 
 All plugin classes are reached through `registry`; torchvision and timm models by name.
+`units_of` is the one place where the core builds a model's units for a run: the adapter's,
+or torch-pruning's dependency groups, each layer checked (`cswap.verify`) before any work.
 """
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from . import registry
-from .config import ModelConfig, PluginRef
+from .config import ModelConfig, PluginRef, RunConfig
+from .discovery import discover
 from .errors import ConfigError, ModelError
 from .files import load_checkpoint
-from .interfaces import ArchitectureAdapter, SignificanceTest, ScoringFunction, Task
+from .interfaces import Analysis, ArchitectureAdapter, ScoringFunction, SignificanceTest, Task, UnitGraph
+from .verify import verify_units
 
 log = logging.getLogger("cswap")
 
@@ -98,8 +104,8 @@ def load_weights(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def build_task(ref: PluginRef, **context) -> Task:
-    return registry.create("tasks", ref.name, ref.options, **context)
+def build_task(ref: PluginRef) -> Task:
+    return registry.create("tasks", ref.name, ref.options)
 
 
 def build_scorer(ref: PluginRef | None, task: Task) -> ScoringFunction:
@@ -130,3 +136,60 @@ def resolve_adapter(ref: PluginRef | str, model: nn.Module) -> tuple[str, Archit
             log.info("adapter auto: %s", name)
             return name, adapter
     raise ConfigError(f"no adapter matches {type(model).__name__}; available: {[c[1] for c in candidates]}")
+
+
+def units_of(adapter: ArchitectureAdapter, model: nn.Module, example_inputs: torch.Tensor,
+             verify: bool = True) -> UnitGraph:
+    """The model's units: the adapter's own, or torch-pruning's dependency groups without
+    the adapter's `ignored_layers`; with `verify`, every layer whose cut is not its physical
+    removal is moved to `skipped` with the reason before anything runs."""
+    graph = adapter.units(model, example_inputs)
+    if graph is None:
+        graph = discover(model, example_inputs, ignored_layers=adapter.ignored_layers(model))
+    return verify_units(model, graph, adapter, example_inputs) if verify else graph
+
+
+def analysis_from_config(cfg: RunConfig, *, progress: bool = False, random_if_missing: bool = False,
+                         on_device: bool = True) -> tuple[Analysis, str]:
+    """The analysis a config describes, and where the model's weights came from. Options of
+    every plugin are validated first (before the model and the data are read); the model is
+    in eval mode, its units built and checked, and it is on `cfg.device` unless `on_device`
+    is off (`--dry-run` needs no device)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    task = build_task(cfg.task)
+    scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
+    model, note = build_model(cfg.model, random_if_missing=random_if_missing)
+    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
+    adapter_name, adapter = resolve_adapter(cfg.adapter, model)
+    x = task.example_inputs()
+    graph = units_of(adapter, model, x, verify=cfg.pruning.verify_units)
+    device = torch.device(cfg.device if on_device else "cpu")
+    analysis = Analysis(model.to(device).eval(), graph, task, scorer, test, adapter, adapter_name, device,
+                        cfg.pruning, progress, x)
+    return analysis, note
+
+
+def analysis_for(model: nn.Module, task: Task, *, scorer: ScoringFunction | str | None = None,
+                 test: SignificanceTest | str | None = None, adapter: ArchitectureAdapter | str = "auto",
+                 options=None, device: str | torch.device = "cpu", progress: bool = False,
+                 example_inputs: torch.Tensor | None = None) -> Analysis:
+    """The analysis of live objects (the Python API's, tests', benchmarks'): plugins given as
+    objects or registered names (default: the task's scorer and test, the adapter that
+    matches), `options` a `PruningOptions` (default: the defaults); units built and, unless
+    `options.verify_units` is off, checked."""
+    from .options import PruningOptions
+
+    options = options if options is not None else PruningOptions()
+    scorer = registry.create("scorers", scorer or task.default_scorer) if not isinstance(scorer, ScoringFunction) else scorer
+    test = registry.create("tests", test or task.default_test) if not isinstance(test, SignificanceTest) else test
+    if isinstance(adapter, ArchitectureAdapter):
+        adapter_name = adapter.name
+    else:
+        adapter_name, adapter = resolve_adapter(adapter, model)
+    model.eval()
+    x = example_inputs if example_inputs is not None else task.example_inputs()
+    x = x.to(next(model.parameters()).device)
+    return Analysis(model, units_of(adapter, model, x, options.verify_units), task, scorer, test, adapter,
+                    adapter_name, torch.device(device), options, progress, x)

@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 from .errors import NumericalError
-from .interfaces import Decision, SignificanceTest
-
-NEUTRAL, DETRIMENTAL, CRITICAL = "neutral", "detrimental", "critical"
+from .interfaces import CRITICAL, DETRIMENTAL, NEUTRAL, Decision, SignificanceTest
 
 # Smallest sigma used as a denominator: a true-class probability of exactly 0 (underflow)
 # would otherwise make the relative effect infinite or undefined.
@@ -88,8 +86,23 @@ class PairedTTest(SignificanceTest):
         verdict: Literal["global_sign", "per_class_sign"] = "global_sign"
         tolerance: float = Field(1e-6, ge=0, description="|sigma* - sigma| at or below this is 0")
 
-    def __init__(self, options: "PairedTTest.Options | None" = None, **_):
-        self.options = options or self.Options()
+    @property
+    def alpha(self) -> float:
+        return self.options.alpha
+
+    def with_alpha(self, alpha: float) -> "PairedTTest":
+        return PairedTTest(self.options.model_copy(update={"alpha": alpha}))
+
+    def effect(self, sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
+        return effect(sigma, sigma_star, self.options.effect)
+
+    @property
+    def relative_effect(self) -> bool:
+        return self.options.effect in ("relative", "log_ratio")
+
+    @property
+    def verdict_by_sign(self) -> bool:
+        return self.options.verdict == "global_sign"
 
     def decide(self, sigma: np.ndarray, sigma_star: np.ndarray, groups: np.ndarray) -> list[Decision]:
         o = self.options

@@ -25,8 +25,9 @@ def _cmd_list(args) -> int:
 
 def _cmd_prune(args) -> int:
     from .config import load_config
-    from .demo import summary
-    from .run import describe, is_main_process, run_prune
+    from .distributed import is_main_process
+    from .reports import run_summary
+    from .run import describe, run_prune
 
     cfg = load_config(args.config, args.set)
     if args.dry_run:
@@ -34,20 +35,21 @@ def _cmd_prune(args) -> int:
         return 0
     run_dir = run_prune(cfg, args.out, progress=not args.quiet, resume=args.resume, force=args.force)
     if is_main_process():
-        print(summary(json.loads((run_dir / "report.json").read_text())))
+        print(run_summary(json.loads((run_dir / "report.json").read_text())))
         print(f"run directory: {run_dir}")
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .demo import demo_config, ratio_table, summary
+    from .demo import demo_config, ratio_table
+    from .reports import run_summary
     from .run import run_prune
 
     cfg = demo_config(samples_per_class=args.samples_per_class)
     print("C-SWAP demo: CIFAR-style ResNet-8 trained on Fashion-MNIST (embedded), "
           f"S = {args.samples_per_class} images per class, alpha = 0.05, per-class voting")
     run_dir = run_prune(cfg, args.out, progress=not args.quiet)
-    print(summary(json.loads((run_dir / "report.json").read_text())))
+    print(run_summary(json.loads((run_dir / "report.json").read_text())))
     print(ratio_table(run_dir))
     print(f"run directory: {run_dir}  (plan.json, pruned_model.pt, report.json, log.txt)")
     return 0
@@ -62,9 +64,26 @@ def _split(text: str, cast, what: str) -> list:
         raise ConfigError(f"{what} must be a comma-separated list, got {text!r}") from None
 
 
+def _test_grid(items: list[str]) -> dict[str, list]:
+    """`--test-option voting=per_class,pooled` (repeatable) -> {"voting": ["per_class", "pooled"]};
+    each value is read as YAML, like `--set`."""
+    import yaml
+
+    from .errors import ConfigError
+
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--test-option {item!r} is not of the form NAME=VALUE1,VALUE2")
+        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+    return grid
+
+
 def _cmd_curve(args) -> int:
     from .config import load_config
-    from .curves import curve_from_config, parse_criteria, parse_ratios, sauce_markdown
+    from .curves import curve_from_config, parse_criteria, parse_ratios
+    from .reports import sauce_markdown
 
     cfg = load_config(args.config, args.set)
     specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
@@ -78,12 +97,12 @@ def _cmd_curve(args) -> int:
 def _cmd_sweep(args) -> int:
     from .config import load_config
     from .curves import parse_ratios
-    from .sweep import run_sweep, settings, write_sweep_outputs
+    from .reports import write_sweep_outputs
+    from .sweep import run_sweep, settings
 
     cfg = load_config(args.config, args.set)
-    grid = settings(_split(args.alpha, float, "--alpha"), _split(args.voting, str, "--voting"),
-                    _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class
-                    else [cfg.task.options.get("samples_per_class", 128)])
+    samples = _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class else [None]
+    grid = settings(_split(args.alpha, float, "--alpha"), samples, _test_grid(args.test_option))
     out = args.out or cfg.output.dir / f"{cfg.name}-sweep"
     rows = run_sweep(cfg, grid, args.seeds, parse_ratios(args.ratios), progress=not args.quiet)
     files = write_sweep_outputs(rows, out, cfg.name)
@@ -130,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_curve)
 
-    s = sub.add_parser("sweep", help="C-SWAP at several alpha / voting / M_k: categories, accuracy, SAUCE")
+    s = sub.add_parser("sweep", help="C-SWAP at several alpha / M_k / test options: categories, accuracy, SAUCE")
     s.add_argument("config", type=Path)
     s.add_argument("--alpha", default="0.01,0.05,0.1,0.2")
-    s.add_argument("--voting", default="per_class", help="per_class,pooled")
-    s.add_argument("--samples-per-class", help="M_k values, e.g. 16,32 (default: the config's)")
+    s.add_argument("--test-option", action="append", default=[], metavar="NAME=V1,V2",
+                   help="also vary an option of the configured test, e.g. voting=per_class,pooled (repeatable)")
+    s.add_argument("--samples-per-class", help="M_k values, e.g. 16,32 (default: the task's)")
     s.add_argument("--seeds", type=int, default=1)
     s.add_argument("--ratios", help="parameter ratios of the SAUCE curve (default 0,0.05,...,0.95)")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")

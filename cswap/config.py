@@ -1,10 +1,18 @@
 """Run configuration: pydantic models read from YAML, with `--set a.b=c` overrides.
 
 Every model forbids unknown fields, so a typo is an error naming the field, and plugin names
-are checked against the entry points, so a config can only name registered plugins.
+are checked against the entry points, so a config can only name registered plugins. The
+`pruning:` section is `cswap.options.PruningOptions`, declared there once.
+
+Relative paths in a config file are read against the folder of that file, so a config and
+its data travel together: `model.weights` and every option a plugin declares as a path
+(a `Path` field of its `Options`, e.g. a task's `root`). Paths given with `--set` are read
+against the current folder, as on any command line; `output.dir` too.
 """
 from __future__ import annotations
 
+import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,8 +20,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import registry
-from .errors import ConfigError
-from .fast import FastOptions
+from .errors import ConfigError, validation_summary
+from .options import PruningOptions
 
 
 class _Strict(BaseModel):
@@ -34,33 +42,6 @@ class PluginRef(_Strict):
     options: dict[str, Any] = {}
 
 
-class PruningConfig(_Strict):
-    params_ratio: float | None = Field(None, ge=0, le=1, description="target share of parameters to remove")
-    flops_ratio: float | None = Field(None, ge=0, le=1, description="target share of MACs to remove")
-    shuffle_units: bool = Field(True, description="visit the units of a layer in a seeded random order")
-    engine: Literal["auto", "staged", "delta", "full"] = Field(
-        "auto", description="staged: re-run only what a cut changes (bitwise the same scores); delta: "
-        "also update the first reader by the cut's rank-one share (round-off differences); full: "
-        "whole forward per unit")
-    fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/fast.py); the plan may differ")
-    unit_batch: int | Literal["auto"] = Field(
-        1, description="units evaluated per pass on a batch that many times larger, speculatively (the same "
-        "plan); auto: from free GPU memory on CUDA, 1 on CPU (no gain there)")
-
-    @field_validator("unit_batch")
-    @classmethod
-    def _positive(cls, v):
-        if v != "auto" and v < 1:
-            raise ValueError("unit_batch must be at least 1 or 'auto'")
-        return v
-
-    @model_validator(mode="after")
-    def _one_target(self):
-        if self.params_ratio is not None and self.flops_ratio is not None:
-            raise ValueError("give params_ratio or flops_ratio, not both")
-        return self
-
-
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="run directories are created under this folder")
     latency_repeats: int = Field(20, ge=1)
@@ -78,7 +59,7 @@ class RunConfig(_Strict):
     adapter: PluginRef = PluginRef(name="auto")
     scorer: PluginRef | None = None  # default: the task's
     test: PluginRef | None = None  # default: the task's
-    pruning: PruningConfig = PruningConfig()
+    pruning: PruningOptions = PruningOptions()
     output: OutputConfig = OutputConfig()
 
     @field_validator("task")
@@ -145,15 +126,6 @@ def parse_config(data: dict) -> RunConfig:
         raise ConfigError("invalid configuration: " + validation_summary(exc)) from None
 
 
-def validation_summary(exc: ValidationError) -> str:
-    """A pydantic error on one line: `field: message` for each error, `; `-separated."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
@@ -181,7 +153,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    return parse_config(apply_overrides(load_config_text(text, path), list(overrides)))
+    data = resolve_relative_paths(load_config_text(text, path), path.resolve().parent)
+    return parse_config(apply_overrides(data, list(overrides)))
+
+
+_PLUGIN_SECTIONS = {"task": "tasks", "scorer": "scorers", "test": "tests", "adapter": "adapters"}
+
+
+def resolve_relative_paths(data: dict, base: Path) -> dict:
+    """`data` (a config file's mapping) with its relative paths made absolute against `base`:
+    `model.weights` and the options each named plugin declares as `Path` fields."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("weights"), str):
+        model["weights"] = _against(base, model["weights"])
+    for section, kind in _PLUGIN_SECTIONS.items():
+        ref = data.get(section)
+        if not (isinstance(ref, dict) and isinstance(ref.get("options"), dict)
+                and ref.get("name") in registry.available(kind)):
+            continue
+        schema = registry.load(kind, ref["name"]).Options
+        for name, info in (schema.model_fields.items() if schema is not None else ()):
+            value = ref["options"].get(name)
+            if isinstance(value, str) and _declares_path(info.annotation):
+                ref["options"][name] = _against(base, value)
+    return data
+
+
+def _declares_path(annotation) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def _against(base: Path, value: str) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else Path(os.path.normpath(base / path)))
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -22,11 +22,6 @@ from .interfaces import Manifold, Task
 log = logging.getLogger("cswap")
 
 
-def declared_classes(task: Task) -> int | None:
-    n = getattr(task, "num_classes", None)
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
-
-
 def output_width(model: nn.Module, example: torch.Tensor) -> int | None:
     """dim 1 of the model's output on `example`, or None for an output that is not a tensor."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -38,7 +33,7 @@ def output_width(model: nn.Module, example: torch.Tensor) -> int | None:
 def check_coverage(task: Task, manifold: Manifold, model: nn.Module, example: torch.Tensor) -> None:
     """Refuse (or, for a task whose `missing_classes` is "warn", warn loudly) when S has no
     sample of some class the model predicts; the message names the classes present."""
-    expected = declared_classes(task)
+    expected = task.num_classes
     if expected is None:
         return
     expected = max(expected, output_width(model, example) or 0)
@@ -49,7 +44,7 @@ def check_coverage(task: Task, manifold: Manifold, model: nn.Module, example: to
     shown = missing if len(missing) <= 10 else missing[:10] + ["..."]
     msg = (f"the sample set S covers {len(present)} of the {expected} classes the model predicts "
            f"(present: {present}; missing: {shown}): pruning would not see what it does to the missing classes")
-    if getattr(task, "missing_classes", "error") == "warn":
+    if task.missing_classes == "warn":
         log.warning(msg)
         warnings.warn(msg)
         return

@@ -1,5 +1,9 @@
 """How sigma* is computed for one cut unit: the cost Algorithm 1 pays per unit.
 
+An engine owns the intervention it evaluates (`cswap.intervention.Intervention`, handed in
+or made over its model), so a trial is "sigma* on S with these units cut": the engine cuts
+them, scores, and restores them; `commit` keeps the last trial's units cut for good.
+
 `FullForward` runs the whole network over S for every unit (the paper's cost). `Staged`
 uses the adapter's chain of stages: a cut only changes what happens from the stage holding
 the unit's first reader onwards, so the inputs of every stage are cached for the current
@@ -23,32 +27,32 @@ import numpy as np
 import torch
 from torch import nn
 
+from .distributed import rank_and_world
 from .errors import NumericalError
-from .interfaces import Manifold, Scores, ScoringFunction
-from .units import Unit, UnitGraph
+from .hooks import trace_calls
+from .interfaces import Manifold, Scores, ScoringFunction, Unit, UnitGraph
+from .intervention import Intervention
+from .options import ENGINES
 
 log = logging.getLogger("cswap")
 
 Stop = Callable[[Scores], bool]  # decides from the scores of the first batches whether a trial may end
 
 
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class FullForward:
     """sigma of the network on S by full forward passes over fixed batches."""
 
-    def __init__(self, model: nn.Module, scorer: ScoringFunction, manifold: Manifold, device="cpu"):
-        self.model, self.scorer = model, scorer
+    #: whether `trials` can score several units of a layer in one pass (see `Staged`)
+    can_batch = False
+
+    def __init__(self, model: nn.Module, scorer: ScoringFunction, manifold: Manifold, intervention: Intervention,
+                 device="cpu"):
+        self.model, self.scorer, self.intervention = model, scorer, intervention
         batches = list(manifold)
         # under torch.distributed each rank scores every world-th batch of S; the scores are
         # gathered and put back in batch order, so every rank sees exactly the single-process
         # arrays (same batches, same per-sample numbers) and reaches the same decisions
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         self.batch_ids = list(range(len(batches)))[self.rank::self.world]
         self.batches = [(x.to(device), y.to(device) if torch.is_tensor(y) else y)
                         for x, y in (batches[i] for i in self.batch_ids)]
@@ -81,13 +85,14 @@ class FullForward:
         return self._forward()
 
     def trial(self, units: Unit | Sequence[Unit], stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
-        """Scores with `units` (of one layer) cut; the caller has cut them in the weights.
+        """Scores with `units` (of one layer) cut, restored afterwards.
 
         With `stop`, after the first n batches for every n in `marks`, `stop(scores of those
         batches)` may end the trial early: the scores returned are then shorter than S, and
         such a trial cannot be committed.
         """
-        return self._forward(stop, marks)
+        with self.intervention.trial(_as_list(units)):
+            return self._forward(stop, marks)
 
     @torch.no_grad()
     def _forward(self, stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
@@ -105,6 +110,13 @@ class FullForward:
 
     def commit(self, units: Unit | Sequence[Unit]) -> None:
         """`units` (those of the last trial) stay cut from now on."""
+        for unit in _as_list(units):
+            self.intervention.cut(unit)
+
+    def cut(self, unit: Unit) -> None:
+        """Cut `unit` for good without a trial (a decision replayed on resume): any cached
+        activations are stale until the next `baseline()`."""
+        self.intervention.cut(unit)
 
 
 def _as_list(units: Unit | Sequence[Unit]) -> list[Unit]:
@@ -125,17 +137,19 @@ class Staged(FullForward):
     """
 
     _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    can_batch = True
 
     def __init__(self, model, scorer, manifold, stages: Sequence[nn.Module], graph: UnitGraph,
-                 device="cpu", delta: bool = False):
-        super().__init__(model, scorer, manifold, device)
+                 intervention: Intervention, device="cpu", delta: bool = False):
+        super().__init__(model, scorer, manifold, intervention, device)
         self.stages = list(stages)
         self.delta = delta
         owner: dict[nn.Module, int] = {}
         for i, stage in enumerate(self.stages):
             for m in stage.modules():
                 owner.setdefault(m, i)
-        order, calls, probe_output = self._execution_order()
+        trace = trace_calls(self.model, self.probe[:1])  # one sample: the order and count of calls
+        order, calls, probe_output = trace.order, trace.calls, trace.output
         # modules whose output can be cached: weighted, called once per forward
         self.cacheable = {m for m in order if isinstance(m, self._WEIGHTED) and calls[m] == 1}
         self.stage_modules = [[m for m in sorted(stage.modules(), key=lambda m: order.get(m, -1))
@@ -159,25 +173,6 @@ class Staged(FullForward):
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage
         self.outputs: list[dict[nn.Module, torch.Tensor]] = []  # per batch: cached module outputs
         self._pending = None
-
-    @torch.no_grad()
-    def _execution_order(self) -> tuple[dict[nn.Module, int], dict[nn.Module, int], object]:
-        """Order of first call and number of calls of every module, and the model's output, for
-        one sample."""
-        order: dict[nn.Module, int] = {}
-        calls: dict[nn.Module, int] = {}
-
-        def record(module, args, output) -> None:
-            order.setdefault(module, len(order))
-            calls[module] = calls.get(module, 0) + 1
-
-        hooks = [m.register_forward_hook(record) for m in self.model.modules()]
-        try:
-            output = self.model(self.probe[:1])
-        finally:
-            for h in hooks:
-                h.remove()
-        return order, calls, output
 
     @torch.no_grad()
     def check_equals_forward(self) -> bool:
@@ -243,7 +238,8 @@ class Staged(FullForward):
         if self.delta and self._delta_ok(reader):
             idx = torch.as_tensor([i for u in units for i in idx_lists[u.channel]], device=self.probe.device)
             replace[reader] = _DeltaOutput(self, reader, self._originals[pname], idx)
-        outputs, inputs, module_outputs = self._run(start, replace, stop, marks)
+        with self.intervention.trial(units):
+            outputs, inputs, module_outputs = self._run(start, replace, stop, marks)
         complete = len(outputs) == len(self.batches)
         self._pending = ([units], start, inputs, module_outputs) if complete else None
         return self._scores(outputs, self.targets)
@@ -304,6 +300,7 @@ class Staged(FullForward):
         if self._pending is None or units not in self._pending[0]:
             raise RuntimeError(f"commit({units}) without its complete trial")
         candidates, start, inputs, module_outputs = self._pending
+        super().commit(units)
         j, k = candidates.index(units), len(candidates)
         for b, (x, _) in enumerate(self.batches):
             rows = slice(j * len(x), (j + 1) * len(x))  # copy j of a stacked batch (all of it when k = 1)
@@ -367,22 +364,22 @@ def _recorder(store: dict):
     return hook
 
 
-ENGINES = ("auto", "staged", "delta", "full")
-
-
-def make_engine(kind: str, model, scorer, manifold, graph, stages=None, device="cpu") -> FullForward:
+def make_engine(kind: str, model, scorer, manifold, graph, stages=None, device="cpu",
+                intervention: Intervention | None = None) -> FullForward:
     """`staged` (bitwise equal to full forwards) when asked or when `auto` finds a stage
-    chain that reproduces the forward; `delta` adds the rank-one update of the first reader."""
+    chain that reproduces the forward; `delta` adds the rank-one update of the first reader.
+    The engine cuts units with `intervention` (default: zeroed reads over `model`)."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; use one of {', '.join(ENGINES)}")
+    intervention = intervention or Intervention(model, graph)
     if kind == "full" or stages is None:
         if kind in ("staged", "delta"):
             raise ValueError(f"engine {kind!r} needs an adapter with a stage chain")
-        return FullForward(model, scorer, manifold, device)
-    engine = Staged(model, scorer, manifold, stages, graph, device, delta=(kind == "delta"))
+        return FullForward(model, scorer, manifold, intervention, device)
+    engine = Staged(model, scorer, manifold, stages, graph, intervention, device, delta=(kind == "delta"))
     if not engine.check_equals_forward():
         if kind != "auto":
             raise ValueError("the adapter's stages do not reproduce the model's forward exactly")
         log.warning("stage chain differs from the forward; using full forward passes")
-        return FullForward(model, scorer, manifold, device)
+        return FullForward(model, scorer, manifold, intervention, device)
     return engine

@@ -45,3 +45,19 @@ class RunInterrupted(KeyboardInterrupt):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters: errors a user reads
+    (CSwapError messages, skip reasons) are one line each."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validation_summary(exc) -> str:
+    """A pydantic ValidationError on one line: `field: message` for each error, `; `-separated."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,23 +1,31 @@
-"""The five small interfaces the core is written against.
+"""The interfaces the core is written against, and the data types that cross them.
 
-Everything task-, model- or method-specific lives behind one of these and is registered
-through entry points (see `registry`). The core (`pruner`, `plan`, `cli`) imports only this
-module, never a plugin module, which is what lets a new task or architecture be added as a
-separate package.
+Everything task-, model- or method-specific lives behind one of five interfaces and is
+registered through entry points (`cswap.registry`): `Task`, `ScoringFunction`,
+`SignificanceTest`, `ArchitectureAdapter`, `Criterion`. This module is the ground floor: it
+imports nothing from `cswap`, so a plugin that imports it gets the contract and nothing
+else, and the core above it never imports a plugin module.
+
+Optional capabilities are declared here, as attributes or as methods with a default (the
+way torchmetrics declares `is_differentiable`); the core reads the declaration and never
+probes a plugin with getattr, hasattr or exceptions. Every plugin is constructed by the
+registry as `cls(options)` with its validated `Options` (see `Configurable`); criteria get
+the run's objects through `Criterion.rank(analysis, seed)`. The contract for writing each
+kind of plugin is in docs/design.md.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .plan import PruningPlan
-    from .units import UnitGraph
+# ---- data types -------------------------------------------------------------------------
+
+NEUTRAL, DETRIMENTAL, CRITICAL = "neutral", "detrimental", "critical"
 
 
 @dataclass
@@ -34,97 +42,33 @@ class Scores:
     groups: np.ndarray  # int64, (n,)
 
 
-class ScoringFunction(ABC):
-    """sigma of Definition 1: how well the network does on each sample.
-
-    Exists so the causal criterion is task-agnostic: classification uses the true-class
-    probability, segmentation an IoU, detection a per-image match score.
-    """
-
-    higher_is_better: bool = True
-
-    @abstractmethod
-    def score(self, outputs, targets) -> Scores:
-        """Observations for one batch of model outputs and their targets."""
-
-    def differentiable(self, outputs, targets) -> torch.Tensor:
-        """sigma of every sample as a tensor that gradients flow through (optional; used by
-        the fast mode's Taylor screening). One value per sample, not per observation."""
-        raise NotImplementedError(f"{type(self).__name__} has no differentiable form; Taylor screening needs one")
-
-
 @dataclass
 class Decision:
     """Verdict of the significance test for one unit (Definition 2)."""
 
-    category: str  # "neutral" | "detrimental" | "critical"
+    category: str  # NEUTRAL | DETRIMENTAL | CRITICAL
     xi: float  # global causal effect (Definition 1 with the chosen effect measure)
     p_values: dict[int, float] = field(default_factory=dict)  # per voting group
     significant: list[int] = field(default_factory=list)  # groups whose predicate pi_k holds
-
-
-class SignificanceTest(ABC):
-    """Turns baseline and intervened scores into a category (Definitions 1 and 2).
-
-    Exists so the statistics are swappable (voting rule, correction, effect measure) without
-    touching the progressive pruner. Vectorised over units: `sigma_star` has one row per unit.
-    """
-
-    @abstractmethod
-    def decide(self, sigma: np.ndarray, sigma_star: np.ndarray, groups: np.ndarray) -> list[Decision]:
-        """One Decision per row of `sigma_star` (shape (units, n)); `sigma` has shape (n,)."""
-
-
-class ArchitectureAdapter(ABC):
-    """Knows one family of models: which units exist, what is never pruned, what to fix after.
-
-    The default unit discovery runs torch-pruning's DependencyGraph (see `units.discover`);
-    adapters add what tracing cannot know: heads to protect, attribute fixes after removal
-    (ViT `num_heads`), and a chain of stages for the engine.
-    """
-
-    name: str = "adapter"
-    #: `adapter: auto` tries adapters by descending priority; the generic one comes last.
-    priority: int = 0
-
-    @abstractmethod
-    def matches(self, model: nn.Module) -> bool:
-        """Whether this adapter understands `model` (used by `adapter: auto`)."""
-
-    def ignored_layers(self, model: nn.Module) -> list[nn.Module]:
-        """Layers whose output channels are never pruned. Channels that reach the model's
-        output are always protected by the core; list here what else must stay."""
-        return []
-
-    def units(self, model: nn.Module, example_inputs: torch.Tensor) -> "UnitGraph":
-        """The model's pruning units, grouped in layers ordered from output to input."""
-        from .units import discover
-
-        return discover(model, example_inputs, ignored_layers=self.ignored_layers(model))
-
-    def after_pruning(self, model: nn.Module) -> None:
-        """Fix attributes that physical removal leaves stale (default: nothing)."""
-
-    # Optional: `remove(self, model, units) -> None`. Define it when the adapter's units are not
-    # torch-pruning groups (ViT heads); `PruningPlan.apply` then calls it instead of torch-pruning.
-
-    def stages(self, model: nn.Module) -> Sequence[nn.Module] | None:
-        """Modules whose sequential application equals `model.forward`, or None if unknown."""
-        return None
 
 
 @dataclass
 class Manifold:
     """The sample set S: fixed batches of (inputs, targets), balanced over classes."""
 
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    batches: list[tuple[torch.Tensor, Any]]
     class_counts: dict[int, int]
 
     def __len__(self) -> int:
         return sum(len(t) for _, t in self.batches)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
         return iter(self.batches)
+
+    def to(self, device) -> "Manifold":
+        """The same samples with every tensor on `device` (other targets as they are)."""
+        return Manifold([(x.to(device), y.to(device) if torch.is_tensor(y) else y) for x, y in self.batches],
+                        dict(self.class_counts))
 
     def rebatched(self, batch_size: int) -> "Manifold":
         """The same samples in the same order, in batches of at most `batch_size` (targets must
@@ -135,7 +79,224 @@ class Manifold:
         return Manifold(batches, dict(self.class_counts))
 
 
-class Task(ABC):
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One channel of a layer (a dependency group, an attention module, an MLP), named by the
+    layer's root module."""
+
+    layer: str
+    channel: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.channel}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Unit":
+        layer, _, channel = text.rpartition(":")
+        return cls(layer, int(channel))
+
+
+@dataclass
+class Layer:
+    """Coupled channels that are pruned together, who reads them, and what removing one frees."""
+
+    name: str  # root module name: stable across copies of the same architecture
+    channels: int
+    position: int  # execution index of its last producer: larger is nearer the output
+    modules: list[str]
+    # consumer weight slices: (parameter name, dim, per-channel indices in that parameter)
+    reads: list[tuple[str, int, list[list[int]]]] = field(default_factory=list)
+    # every parameter slice that physical removal deletes: (parameter name, dim, per-channel count)
+    frees: list[tuple[str, int, list[int]]] = field(default_factory=list)
+
+    def units(self) -> list[Unit]:
+        return [Unit(self.name, c) for c in range(self.channels)]
+
+
+@dataclass
+class UnitGraph:
+    """The prunable layers of a model, ordered from output to input, plus those left out."""
+
+    layers: list[Layer]
+    skipped: dict[str, str]  # layer name -> why it is not prunable
+    input_shape: tuple[int, ...]
+    # layers kept although their cut could not be checked against removal (see cswap.verify)
+    unverified: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no prunable layer {name!r}")
+
+    @property
+    def num_units(self) -> int:
+        return sum(layer.channels for layer in self.layers)
+
+
+PROGRESSIVE = "progressive"  # removed during the analysis (neutral or detrimental)
+CRITICAL_RANKED = "critical"  # critical units, least beneficial first, only for a target
+RANKED = "ranked"  # a baseline criterion's global ranking
+
+
+@dataclass
+class PlanStep:
+    """One unit of a removal order, with what its criterion knows of it."""
+
+    unit: Unit
+    phase: str  # PROGRESSIVE | CRITICAL_RANKED | RANKED
+    category: str | None = None
+    xi: float | None = None
+    score: float | None = None
+    p_values: dict[int, float] = field(default_factory=dict)
+    params_freed: int = 0  # counted on the real model's shapes by cswap.plan.PruningPlan.build
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["unit"] = str(self.unit)
+        d["p_values"] = {str(k): v for k, v in self.p_values.items()}
+        return {k: v for k, v in d.items() if v is not None and v != {}}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PlanStep":
+        d = dict(d)
+        d["unit"] = Unit.parse(d["unit"])
+        d["p_values"] = {int(k): float(v) for k, v in d.get("p_values", {}).items()}
+        return cls(**d)
+
+
+@dataclass
+class Ranking:
+    """What a criterion returns: the units in removal order. The core counts each step's
+    parameter cost on the real model and makes the replayable plan from it."""
+
+    method: str
+    steps: list[PlanStep]
+    meta: dict = field(default_factory=dict)
+    protected: dict[str, str] = field(default_factory=dict)  # unit -> why it is never removed
+
+
+# ---- the interfaces -----------------------------------------------------------------------
+
+class Configurable:
+    """A plugin built from validated options.
+
+    `Options` is a pydantic model (declare it with `extra="forbid"`, so a mistyped option is
+    an error naming the field) and `self.options` its instance; the registry constructs every
+    plugin as `cls(options)`. A plugin without options leaves `Options` as None.
+    """
+
+    Options: ClassVar[type | None] = None
+
+    def __init__(self, options=None):
+        if options is None and self.Options is not None:
+            options = self.Options()
+        self.options = options
+
+
+class ScoringFunction(Configurable, ABC):
+    """sigma of Definition 1: how well the network does on each sample.
+
+    Exists so the causal criterion is task-agnostic: classification uses the true-class
+    probability, segmentation an IoU, detection a per-image match score.
+    """
+
+    higher_is_better: bool = True
+    #: whether `differentiable` is implemented (the fast mode's Taylor screening needs it)
+    is_differentiable: bool = False
+
+    @abstractmethod
+    def score(self, outputs, targets) -> Scores:
+        """Observations for one batch of model outputs and their targets."""
+
+    def differentiable(self, outputs, targets) -> torch.Tensor:
+        """sigma of every sample as a tensor that gradients flow through, one value per
+        sample (not per observation). Only called when `is_differentiable`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no differentiable form")
+
+
+class SignificanceTest(Configurable, ABC):
+    """Turns baseline and intervened scores into a category (Definitions 1 and 2).
+
+    Exists so the statistics are swappable (voting rule, correction, effect measure) without
+    touching the progressive pruner. Vectorised over units: `sigma_star` has one row per unit.
+    """
+
+    @property
+    @abstractmethod
+    def alpha(self) -> float:
+        """The significance level of each test (what a sweep varies, what early looks tighten)."""
+
+    @abstractmethod
+    def with_alpha(self, alpha: float) -> "SignificanceTest":
+        """The same test at another significance level."""
+
+    @abstractmethod
+    def effect(self, sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
+        """The effect of the intervention on each observation; its mean is the unit's xi."""
+
+    @property
+    def relative_effect(self) -> bool:
+        """Whether xi measures relative changes of sigma (d sigma / sigma) rather than absolute
+        ones; first-order (Taylor) screening weighs its gradients by it."""
+        return True
+
+    @property
+    def verdict_by_sign(self) -> bool:
+        """Whether a significant unit's category is the sign of xi over all of S (Definition 2);
+        an early stop on part of S then also needs xi itself clearly below zero."""
+        return True
+
+    @abstractmethod
+    def decide(self, sigma: np.ndarray, sigma_star: np.ndarray, groups: np.ndarray) -> list[Decision]:
+        """One Decision per row of `sigma_star` (shape (units, n)); `sigma` has shape (n,)."""
+
+
+class ArchitectureAdapter(Configurable, ABC):
+    """Knows one family of models: which units exist, what is never pruned, what to fix after.
+
+    Every method has a default that hands the work to the core: units are torch-pruning's
+    dependency groups (`cswap.discovery`), removal is torch-pruning's, nothing needs fixing,
+    and there is no stage chain. Adapters add what tracing cannot know: heads to protect,
+    units that are not channel groups (ViT heads) and their removal, attribute fixes after
+    removal (`num_heads`), and a chain of stages for the engine.
+    """
+
+    name: str = "adapter"
+    #: `adapter: auto` tries adapters by descending priority; the generic one comes last.
+    priority: int = 0
+    #: whether `remove` removes this adapter's units itself (units that are not channels of a
+    #: torch-pruning group, e.g. ViT heads); otherwise the core removes them with torch-pruning
+    removes_units: bool = False
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether this adapter understands `model` (used by `adapter: auto`)."""
+
+    def ignored_layers(self, model: nn.Module) -> list[nn.Module]:
+        """Layers whose output channels are never pruned. Channels that reach the model's
+        output are always protected by the core; list here what else must stay."""
+        return []
+
+    def units(self, model: nn.Module, example_inputs: torch.Tensor) -> UnitGraph | None:
+        """The model's pruning units, in layers ordered from output to input; None lets the
+        core find torch-pruning's dependency groups, leaving out `ignored_layers`."""
+        return None
+
+    def remove(self, model: nn.Module, units: Sequence[Unit]) -> None:
+        """Physically remove `units` (numbered as on the unpruned model) in place. Only called
+        when `removes_units` is declared."""
+        raise NotImplementedError(f"{type(self).__name__} declares no removal of its own")
+
+    def after_pruning(self, model: nn.Module) -> None:
+        """Fix attributes that physical removal leaves stale (default: nothing)."""
+
+    def stages(self, model: nn.Module) -> Sequence[nn.Module] | None:
+        """Modules whose sequential application equals `model.forward`, or None if unknown."""
+        return None
+
+
+class Task(Configurable, ABC):
     """What the model is for: the sample set S, the evaluation metric, the default sigma.
 
     Exists so the same pruner serves classification, segmentation and detection.
@@ -146,6 +307,8 @@ class Task(ABC):
     metric: str = "accuracy"
     #: what the core does when S misses a class of `num_classes`: "error" (refuse) or "warn"
     missing_classes: str = "error"
+    #: whether `from_tensors` builds this task over in-memory data (`cswap.analyze(model, (x, y))`)
+    accepts_tensors: bool = False
 
     @property
     def num_classes(self) -> int | None:
@@ -154,9 +317,15 @@ class Task(ABC):
         The core also counts the model's output width (dim 1), see `cswap.coverage`."""
         return None
 
+    @property
+    def samples_per_class(self) -> int | None:
+        """The task's own M_k (what `manifold` draws when it is not given one), if it has one."""
+        return None
+
     @abstractmethod
-    def manifold(self, seed: int) -> Manifold:
-        """S: `samples_per_class` samples per class, drawn with `seed`, separate from evaluation."""
+    def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
+        """S: `samples_per_class` (default: the task's own M_k) samples per class, drawn with
+        `seed`, never from the evaluation data."""
 
     @abstractmethod
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -166,13 +335,42 @@ class Task(ABC):
     def example_inputs(self) -> torch.Tensor:
         """A small input batch with the right shape, for tracing and FLOP counting."""
 
+    @classmethod
+    def from_tensors(cls, inputs: torch.Tensor, targets: torch.Tensor, samples_per_class: int) -> "Task":
+        """The task over in-memory data, S and evaluation both drawn from it. Only called when
+        `accepts_tensors`."""
+        raise NotImplementedError(f"{cls.__name__} cannot be built from tensors")
 
-class Criterion(ABC):
-    """A pruning criterion (C-SWAP or a baseline) that returns a removal order as a plan.
+
+@dataclass
+class Analysis:
+    """What every criterion and seed of one model's analysis shares, built once (from a config
+    by `cswap.build`, or by `cswap.analyze`): the model, its units, the task, sigma, the test,
+    the adapter, the device and the run's pruning options (a `cswap.options.PruningOptions`)."""
+
+    model: nn.Module
+    units: UnitGraph
+    task: Task
+    scorer: ScoringFunction
+    test: SignificanceTest
+    adapter: ArchitectureAdapter
+    adapter_name: str
+    device: torch.device
+    options: Any
+    progress: bool = False
+    example_inputs: torch.Tensor | None = None  # a small batch of the task's inputs (the task's own by default)
+
+    def __post_init__(self):
+        if self.example_inputs is None:
+            self.example_inputs = self.task.example_inputs()
+
+
+class Criterion(Configurable, ABC):
+    """A pruning criterion (C-SWAP or a baseline) that returns a removal order.
 
     Exists so every method is replayed and evaluated by the same code (`PruningPlan.apply`).
     """
 
     @abstractmethod
-    def plan(self, model: nn.Module, units: "UnitGraph", task: Task, seed: int) -> "PruningPlan":
-        """Score the units of `model` and return them ordered for removal."""
+    def rank(self, analysis: Analysis, seed: int) -> Ranking:
+        """Score the units of `analysis.model` (never changing it) and order them for removal."""

@@ -2,7 +2,7 @@
 
 Every method (C-SWAP and the baselines) produces one, so curves for all of them are made by
 the same code: a prefix of the steps is removed from a fresh copy of the model. Parameter
-costs are counted per step on the real model's shapes (`units.ParamLedger`), so a ratio
+costs are counted per step on the real model's shapes (`removal.ParamLedger`), so a ratio
 lands within one unit's cost of what was asked, and an analysis that took hours is never
 redone to get another ratio.
 """
@@ -12,7 +12,7 @@ import copy
 import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -20,36 +20,10 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .units import ParamLedger, Unit, UnitGraph, count_params, prune_units
+from .interfaces import PROGRESSIVE, RANKED, PlanStep, Ranking, Unit, UnitGraph
+from .removal import ParamLedger, count_params, prune_units
 
 SCHEMA = "cswap.plan/1"
-PROGRESSIVE = "progressive"  # removed during the analysis (neutral or detrimental)
-CRITICAL_RANKED = "critical"  # critical units, least beneficial first, only for a target
-RANKED = "ranked"  # a baseline criterion's global ranking
-
-
-@dataclass
-class PlanStep:
-    unit: Unit
-    phase: str
-    category: str | None = None
-    xi: float | None = None
-    score: float | None = None
-    p_values: dict[int, float] = field(default_factory=dict)
-    params_freed: int = 0
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["unit"] = str(self.unit)
-        d["p_values"] = {str(k): v for k, v in self.p_values.items()}
-        return {k: v for k, v in d.items() if v is not None and v != {}}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "PlanStep":
-        d = dict(d)
-        d["unit"] = Unit.parse(d["unit"])
-        d["p_values"] = {int(k): float(v) for k, v in d.get("p_values", {}).items()}
-        return cls(**d)
 
 
 @dataclass
@@ -75,14 +49,16 @@ class PruningPlan:
         method: str,
         adapter: str,
         meta: dict | None = None,
+        protected: dict[str, str] | None = None,
     ) -> "PruningPlan":
-        """Count each step's parameter cost in order; drop steps that would empty a layer."""
+        """Count each step's parameter cost in order; drop steps that would empty a layer.
+        `protected` (units never removed, with why) is added after those dropped here."""
         ledger = ParamLedger(model, graph)
         remaining = {layer.name: layer.channels for layer in graph.layers}
-        steps, protected = [], {}
+        steps, never = [], {}
         for step in ordered:
             if remaining[step.unit.layer] <= 1:
-                protected[str(step.unit)] = "last unit of its layer"
+                never[str(step.unit)] = "last unit of its layer"
                 continue
             remaining[step.unit.layer] -= 1
             step.params_freed = ledger.remove(step.unit)
@@ -94,10 +70,16 @@ class PruningPlan:
             params_total=ledger.total,
             steps=steps,
             layers={layer.name: layer.channels for layer in graph.layers},
-            protected=protected,
+            protected={**never, **(protected or {})},
             skipped_layers=dict(graph.skipped),
             meta=meta or {},
         )
+
+    @classmethod
+    def from_ranking(cls, model: nn.Module, graph: UnitGraph, ranking: Ranking, *, adapter: str) -> "PruningPlan":
+        """The plan of a criterion's ranking (`Criterion.rank`, `progressive_prune`)."""
+        return cls.build(model, graph, ranking.steps, method=ranking.method, adapter=adapter, meta=ranking.meta,
+                         protected=ranking.protected)
 
     # ---- queries --------------------------------------------------------------------
     @property
@@ -176,9 +158,8 @@ class PruningPlan:
     def apply_prefix(self, model: nn.Module, k: int, *, adapter=None, inplace: bool = False) -> nn.Module:
         pruned = model if inplace else copy.deepcopy(model)
         adapter = adapter or self._adapter()
-        remove = getattr(adapter, "remove", None)  # units torch-pruning cannot remove (ViT heads)
-        if remove is not None:
-            remove(pruned, self.units(k))
+        if adapter.removes_units:  # units that are not torch-pruning channels (ViT heads)
+            adapter.remove(pruned, self.units(k))
         else:
             p = next(pruned.parameters())
             prune_units(pruned, self.example_inputs(p.device, p.dtype), self.units(k))

@@ -19,7 +19,7 @@ from functools import lru_cache
 from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, validation_summary
 
 GROUPS: dict[str, str] = {
     "tasks": "cswap.tasks",
@@ -141,26 +141,22 @@ def describe() -> list[PluginInfo]:
     return rows
 
 
-def create(kind: str, name: str, options: dict | None = None, **context):
-    """Instantiate plugin `name` of `kind` with validated options.
-
-    A plugin class may declare a pydantic model `Options` (with `extra="forbid"`), so a
-    mistyped option fails with the field's name instead of being silently ignored.
-    `context` carries run-time objects (e.g. the task's class count) that are not config.
-    """
+def create(kind: str, name: str, options: dict | None = None):
+    """Plugin `name` of `kind`, constructed as `cls(options)` with its validated `Options`
+    (a pydantic model declared with `extra="forbid"`, so a mistyped option fails with the
+    field's name), or as `cls()` when it declares none and none are given. Run-time objects
+    reach plugins through the interface (`Criterion.rank(analysis, seed)`), never here."""
     from pydantic import ValidationError
 
     cls = load(kind, name)
     options = dict(options or {})
-    schema = getattr(cls, "Options", None)
+    schema = getattr(cls, "Options", None)  # plugins that do not derive from Configurable may lack it
     if schema is not None:
         try:
             parsed = schema(**options)
         except ValidationError as exc:
-            from .config import validation_summary
-
             raise ConfigError(f"invalid options for {kind[:-1]} {name!r}: {validation_summary(exc)}") from None
-        return cls(parsed, **context)
+        return cls(parsed)
     if options:
         raise ConfigError(f"{kind[:-1]} {name!r} takes no options, got {sorted(options)}")
-    return cls(**context)
+    return cls()

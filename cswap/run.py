@@ -22,18 +22,20 @@ import torch
 from torch import nn
 
 from . import rundir
-from .build import build_model, build_scorer, build_task, build_test, load_weights, resolve_adapter
+from .build import analysis_from_config, build_model, load_weights, resolve_adapter
 from .config import RunConfig, dump_config, load_config_text, parse_config
 from .coverage import check_coverage
+from .distributed import is_main_process
 from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
-from .interfaces import ArchitectureAdapter, Manifold, ScoringFunction, SignificanceTest, Task
+from .interfaces import Analysis, Manifold, UnitGraph
 from .interrupt import deferred, interruptible
+from .intervention import Intervention
 from .metrics import compare_costs
 from .plan import PruningPlan
 from .pruner import progressive_prune
+from .removal import count_params
 from .rundir import STATE_FILE, RunLock, partial_of
-from .units import Intervention, UnitGraph
 
 log = logging.getLogger("cswap")
 
@@ -46,22 +48,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 def describe(cfg: RunConfig) -> str:
     """What `--dry-run` prints: the model, its units, and what would run."""
-    task = build_task(cfg.task)
-    build_scorer(cfg.scorer, task), build_test(cfg.test, task)  # their options are validated too
-    model, note = build_model(cfg.model, random_if_missing=True)
-    adapter_name, adapter = resolve_adapter(cfg.adapter, model)
-    x = task.example_inputs()
-    graph = adapter.units(model, x).verified(model, adapter, x)
+    a, note = analysis_from_config(cfg, random_if_missing=True, on_device=False)  # every plugin's options validated
+    graph, x = a.units, a.example_inputs
     lines = [
-        f"model      {cfg.model.source}:{cfg.model.name}  ({sum(p.numel() for p in model.parameters()):,} parameters; {note})",
+        f"model      {cfg.model.source}:{cfg.model.name}  ({count_params(a.model):,} parameters; {note})",
         f"task       {cfg.task.name}  example input {tuple(x.shape)}",
-        f"adapter    {adapter_name}",
-        f"scorer     {(cfg.scorer.name if cfg.scorer else task.default_scorer)}",
-        f"test       {(cfg.test.name if cfg.test else task.default_test)} {cfg.test.options if cfg.test else ''}",
+        f"adapter    {a.adapter_name}",
+        f"scorer     {(cfg.scorer.name if cfg.scorer else a.task.default_scorer)}",
+        f"test       {(cfg.test.name if cfg.test else a.task.default_test)} {cfg.test.options if cfg.test else ''}",
         f"units      {graph.num_units} in {len(graph.layers)} layers (output to input):",
     ]
     lines += [f"  {layer.name:<40} {layer.channels:>6}" for layer in graph.layers]
     lines += [f"  not pruned: {name}: {why}" for name, why in graph.skipped.items()]
+    lines += [f"  not checked (kept): {name}: {why}" for name, why in graph.unverified.items()]
     target = cfg.pruning.params_ratio or cfg.pruning.flops_ratio
     fast = cfg.pruning.fast
     modes = [name for name in ("group_testing", "sequential", "taylor_order") if getattr(fast, name)]
@@ -87,12 +86,6 @@ def self_check(model: nn.Module, pruned: nn.Module, graph: UnitGraph, plan: Prun
             "nothing was saved as complete (please report this with the run's log)"
         )
     return diff
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torch.distributed (or the only process): the one that writes files."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _from_rank0(action):
@@ -165,17 +158,9 @@ def _target(cfg: RunConfig, run_dir, resume, force: bool) -> Path:
 class Setup:
     """What `prepare` built: every object of the run, validated, nothing written yet."""
 
-    model: nn.Module
+    analysis: Analysis
     note: str
-    task: Task
-    scorer: ScoringFunction
-    test: SignificanceTest
-    adapter_name: str
-    adapter: ArchitectureAdapter
-    x: torch.Tensor
-    graph: UnitGraph
     manifold: Manifold
-    device: torch.device
     before: dict = field(default_factory=dict)
 
 
@@ -183,25 +168,15 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     """Build and check everything before the run directory exists: options (pydantic),
     model and checkpoint, data, units, the classes S covers, the original model's metrics.
     Any bad input fails here and leaves nothing behind."""
-    torch.manual_seed(cfg.seed)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device)
-    task = build_task(cfg.task)
-    scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
-    model, note = build_model(cfg.model)
-    adapter_name, adapter = resolve_adapter(cfg.adapter, model)
-    x = task.example_inputs()
-    graph = adapter.units(model, x).verified(model, adapter, x)
-    if not graph.layers:
-        raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in graph.skipped.items()))
-    manifold = task.manifold(cfg.seed)
+    a, note = analysis_from_config(cfg)
+    if not a.units.layers:
+        raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in a.units.skipped.items()))
+    manifold = a.task.manifold(cfg.seed)
     if len(manifold) == 0:
         raise DataError("the sample set S is empty")
-    check_coverage(task, manifold, model, x)
-    model = model.to(device)
-    before = task.evaluate(model, device) if evaluate else {}
-    return Setup(model, note, task, scorer, test, adapter_name, adapter, x, graph, manifold, device, before)
+    check_coverage(a.task, manifold, a.model, a.example_inputs.to(a.device))
+    before = a.task.evaluate(a.model, a.device) if evaluate else {}
+    return Setup(a, note, manifold, before)
 
 
 def _open(final: Path, cfg: RunConfig, resume, force: bool) -> tuple[RunLock, dict | None]:
@@ -299,12 +274,12 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
     """The analysis on every rank; replay, self-check and files only where `out` is given
     (rank 0)."""
     started = time.perf_counter()
-    s = setup
-    model, graph, manifold, device = s.model, s.graph, s.manifold, s.device
-    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, s.note)
+    a, manifold = setup.analysis, setup.manifold
+    model, graph, device = a.model, a.units, a.device
+    log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, setup.note)
     log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
     costs = dict(repeats=cfg.output.latency_repeats, batch=cfg.output.latency_batch)
-    before = dict(s.before)
+    before = dict(setup.before)
     latest: dict = {}
 
     def checkpoint(state: dict) -> None:
@@ -313,14 +288,10 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
 
     analysis_started = time.perf_counter()
     try:
-        plan = progressive_prune(
-            model, graph, manifold, s.scorer, s.test, adapter=s.adapter_name, seed=cfg.seed,
-            shuffle_units=cfg.pruning.shuffle_units, device=device, progress=progress,
-            stages=s.adapter.stages, engine=cfg.pruning.engine, fast=cfg.pruning.fast,
-            unit_batch=cfg.pruning.unit_batch,
-            checkpoint=checkpoint if out else None, checkpoint_seconds=cfg.output.checkpoint_seconds,
-            resume=resume,
-        )
+        a.progress = progress
+        ranking = progressive_prune(a, cfg.seed, manifold=manifold, checkpoint=checkpoint if out else None,
+                                    checkpoint_seconds=cfg.output.checkpoint_seconds, resume=resume)
+        plan = PruningPlan.from_ranking(model, graph, ranking, adapter=a.adapter_name)
     except BaseException:
         if out is not None and "state" in latest:
             _save_last_state(out, latest["state"])
@@ -331,18 +302,18 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
     plan.save(out / "plan.json")
 
     k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
-    pruned = plan.apply_prefix(model, k, adapter=s.adapter)
+    pruned = plan.apply_prefix(model, k, adapter=a.adapter)
     diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
-    after = s.task.evaluate(pruned, device)
+    after = a.task.evaluate(pruned, device)
     # timed in turns, so the two latencies see the same machine load
-    cost_before, cost_after = compare_costs([model, pruned], s.x.to(device), **costs)
+    cost_before, cost_after = compare_costs([model, pruned], a.example_inputs.to(device), **costs)
     before.update(cost_before)
     after.update(cost_after)
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
     return {
         "model": f"{cfg.model.source}:{cfg.model.name}",
-        "metric": s.task.metric,
-        "adapter": s.adapter_name,
+        "metric": a.task.metric,
+        "adapter": a.adapter_name,
         "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
         "steps_applied": k,
         "categories": plan.category_counts(),
@@ -377,8 +348,6 @@ def load_pruned(run_dir: str | Path) -> nn.Module:
     mmseg `type` checked, never `allow_pickle`), the plan is JSON checked against the model,
     and a malformed file is a `CSwapError` naming it. (An mmseg config *file* that the config
     names is Python and runs, as it did for the run: name only trusted files.)"""
-    from .units import count_params
-
     run_dir = Path(run_dir)
     for name in ("config.yaml", "plan.json", "report.json", "pruned_model.pt"):
         if not (run_dir / name).is_file():

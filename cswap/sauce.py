@@ -1,4 +1,4 @@
-"""SAUCE, the Sparsity AUC Estimator of the paper (Fig. 4, Table 3; DESIGN.md section 6).
+"""SAUCE, the Sparsity AUC Estimator of the paper (Fig. 4, Table 3).
 
 SAUCE is the area under a pruning curve: x is the fraction of the model's parameters removed,
 in [0, 1], and y the metric (accuracy, mIoU) *in percent*, integrated with the trapezoid rule.

@@ -1,6 +1,6 @@
 """Check, before an analysis starts, that every layer's cut is its physical removal.
 
-Why: the analysis trusts two promises per layer (DESIGN.md §4). Cutting a unit (zeroing the
+Why: the analysis trusts two promises per layer (docs/design.md, section 4). Cutting a unit (zeroing the
 weights that read it) must give the outputs that physically removing it gives, and
 `ParamLedger` must count exactly the parameters removal frees. Discovery's static rules
 (LayerNorm and GroupNorm readers, grouped convolutions, model outputs) catch the known
@@ -34,39 +34,40 @@ without it (one more trace per failure).
 
 A cut that changes nothing on the probe (dead channels) verifies nothing, but its removal
 is not wrong either: such a layer stays, listed in `UnitGraph.unverified`.
-Set CSWAP_VERIFY_UNITS=0 to skip the check (a model known to be exact, or too large to copy).
+`pruning.verify_units: false` skips the check (a model known to be exact, or too large to
+copy); `cswap.build.units_of` reads it.
 """
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .errors import ResourceError
-from .units import (Intervention, Layer, ParamLedger, Remover, Unit, UnitGraph, _first_failing_module, _flatten,
-                    _reads_out_of_range, count_params, one_line)
+from .discovery import _first_failing_module, _flatten, _reads_out_of_range
+from .errors import ResourceError, one_line
+from .interfaces import Layer, Unit, UnitGraph
+from .intervention import Intervention
+from .removal import ParamLedger, Remover, count_params
 
 log = logging.getLogger("cswap")
 
-ENABLED = os.environ.get("CSWAP_VERIFY_UNITS", "1").strip().lower() not in ("0", "false", "no", "off")
 RELATIVE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
 def verify_units(model: nn.Module, graph: UnitGraph, adapter, example_inputs: torch.Tensor) -> UnitGraph:
     """`graph` with every layer whose cut differs from its removal, whose removal breaks the
     model, or whose ledger is off, moved to `skipped` with the reason. `model` is not changed."""
-    if not ENABLED or not graph.layers:
+    if not graph.layers:
         return graph
     try:
         return _verify(model, graph, adapter, example_inputs)
     except MemoryError:
         raise ResourceError(f"checking cut == removal needs two float64 copies of {type(model).__name__} and "
-                            "there is not enough memory: set CSWAP_VERIFY_UNITS=0 to skip the check") from None
+                            "there is not enough memory: set pruning.verify_units: false to skip the check") from None
 
 
 def _verify(model: nn.Module, graph: UnitGraph, adapter, example_inputs: torch.Tensor) -> UnitGraph:
@@ -76,8 +77,7 @@ def _verify(model: nn.Module, graph: UnitGraph, adapter, example_inputs: torch.T
         return graph
     log.info("checking that cut == removal for each of %d layers (two %s forward passes each)", len(graph.layers),
              probe.dtype_name)
-    remove = getattr(adapter, "remove", None)
-    backend = _FreshCopies(model, graph, adapter, probe) if remove is not None else _OneTrace(model, graph, adapter, probe)
+    backend = (_FreshCopies if adapter.removes_units else _OneTrace)(model, graph, adapter, probe)
     failed, unverified = _check_layers(graph, probe, cut_model, backend)
     result = UnitGraph([layer for layer in graph.layers if layer.name not in failed], {**graph.skipped, **failed},
                        graph.input_shape, unverified={**graph.unverified, **unverified})

@@ -15,6 +15,7 @@ class TrueClassProbability(ScoringFunction):
     """
 
     higher_is_better = True
+    is_differentiable = True
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> Scores:
         if isinstance(outputs, (tuple, list)):

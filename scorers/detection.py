@@ -14,7 +14,7 @@ Why this is a sensible causal target:
 - it is bounded in [floor, 1] and rewards both localisation (IoU) and confidence (score):
   a unit whose removal shifts the boxes or lowers the right class's score lowers it;
 - it is continuous in the network's outputs: it reads the dense output (every anchor,
-  before thresholds and NMS, see `tasks/detection_model.py`), so a small change of a weight
+  before thresholds and NMS, see `models/detection.py`), so a small change of a weight
   gives a small change of sigma, which is what a paired t-test on small effects needs. A
   score on the post-NMS list would jump when a box crosses the score threshold;
 - `floor` (default 1e-3) keeps the paper's relative effect (sigma* - sigma) / sigma finite
@@ -49,9 +49,6 @@ class DetectionMatchScorer(ScoringFunction):
         floor: float = Field(1e-3, ge=0, lt=1, description="sigma of a missed class (keeps relative effects finite)")
         false_positive_penalty: float = Field(0.0, ge=0, le=1, description="subtract this share of the top score "
                                                                           "of a class absent from the image")
-
-    def __init__(self, options: "DetectionMatchScorer.Options | None" = None, **_):
-        self.options = options or self.Options()
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> Scores:
         outputs, targets = _check(outputs, targets)

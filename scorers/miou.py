@@ -45,8 +45,8 @@ class IoUScorer(ScoringFunction):
         ignore_index: int = 255
         smooth: float = Field(1.0, ge=0, description="pixels added to intersection and union")
 
-    def __init__(self, options: "IoUScorer.Options | None" = None, **_):
-        self.options = options or self.Options()
+    def __init__(self, options: "IoUScorer.Options | None" = None):
+        super().__init__(options)
         rows, cols = self.options.grid
         if rows < 1 or cols < 1:
             raise ValueError(f"grid must be at least 1x1, got {self.options.grid}")

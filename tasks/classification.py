@@ -13,11 +13,13 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from cswap.errors import DataError
-from cswap.interfaces import Manifold, Task
+from cswap.interfaces import Manifold
+
+from .sample_set import SampleSetOptions, SampleSetTask
 
 _DEFAULT_STATS = {"fashion_mnist": ((0.2860,), (0.3530,)), "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 
@@ -50,32 +52,39 @@ def _uint8_loader(images: np.ndarray, mean, std) -> Callable[[np.ndarray], torch
     return load
 
 
-class ClassificationTask(Task):
+class ClassificationTask(SampleSetTask):
     default_scorer = "class_probability"
     default_test = "paired_t"
     metric = "accuracy"
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    accepts_tensors = True
+
+    class Options(SampleSetOptions):
         dataset: Literal["cifar10", "imagefolder", "fashion_mnist", "npz", "tensors"]
         root: Path | None = Field(None, description="local folder or file of the dataset")
-        samples_per_class: int = Field(128, ge=2, description="M_k, samples of each class in S")
-        manifold_split: str = "train"
-        eval_split: str = "test"
-        eval_limit: int | None = Field(None, ge=1, description="evaluate on a seeded subset of this size")
-        batch_size: int = Field(256, ge=1)
         mean: list[float] | None = None
         std: list[float] | None = None
         image_size: int | None = Field(None, description="ImageFolder: resize and centre-crop to this size")
         input_shape: list[int] | None = Field(
             None, description="(C, H, W) of one input; lets --dry-run trace the model without reading data")
 
-    def __init__(self, options: "ClassificationTask.Options", tensors: dict | None = None, **_):
-        self.options = options
-        self._tensors = tensors or {}
+    def __init__(self, options: "ClassificationTask.Options"):
+        super().__init__(options)
+        self._tensors: dict = {}  # split name -> (inputs, targets), for dataset: tensors
         if options.dataset != "tensors" and options.root is None:
             raise DataError(f"task option root is required for dataset {options.dataset!r}")
         self._splits: dict[str, _Split] = {}
+
+    @classmethod
+    def from_tensors(cls, inputs: torch.Tensor, targets: torch.Tensor, samples_per_class: int,
+                     test: tuple[torch.Tensor, torch.Tensor] | None = None, **options) -> "ClassificationTask":
+        """S drawn from `(inputs, targets)`; the metric is measured on the held-out `test`
+        pair, or on the same tensors without one (the Python API does not evaluate).
+        `options` are other task options (e.g. batch_size)."""
+        task = cls(cls.Options(dataset="tensors", samples_per_class=samples_per_class, manifold_split="train",
+                               eval_split="test" if test is not None else "train", **options))
+        task._tensors = {"train": (inputs, targets), **({"test": test} if test is not None else {})}
+        return task
 
     # ---- data sources -------------------------------------------------------------
     def _stats(self):
@@ -100,7 +109,7 @@ class ClassificationTask(Task):
             x = torch.as_tensor(x)
             return _Split(torch.as_tensor(y).cpu().numpy(), lambda idx: x[torch.as_tensor(idx)].float())
         if o.dataset == "fashion_mnist":
-            from tasks.idx_files import FASHION_MNIST_CLASSES, load_mnist_split
+            from cswap.tasks.idx_files import FASHION_MNIST_CLASSES, load_mnist_split
 
             try:
                 images, labels = load_mnist_split(o.root, name)
@@ -157,9 +166,9 @@ class ClassificationTask(Task):
         named = max((len(s.classes) for s in seen if s.classes), default=0)
         return max(largest, named)
 
-    def manifold(self, seed: int) -> Manifold:
+    def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
         """M_k samples of every class, drawn without replacement with `seed`, class by class."""
-        o = self.options
+        o, per_class = self.options, self.per_class(samples_per_class)
         split = self.split(o.manifold_split)
         if len(split) == 0:
             raise DataError(f"split {o.manifold_split!r} is empty")
@@ -167,14 +176,14 @@ class ClassificationTask(Task):
         chosen, counts = [], {}
         for k in np.unique(split.labels):
             idx = np.flatnonzero(split.labels == k)
-            if len(idx) < o.samples_per_class:
+            if len(idx) < per_class:
                 name = f" ({split.classes[k]})" if split.classes and k < len(split.classes) else ""
                 raise DataError(
                     f"class {k}{name} has {len(idx)} samples in split {o.manifold_split!r}, "
-                    f"fewer than samples_per_class={o.samples_per_class}"
+                    f"fewer than samples_per_class={per_class}"
                 )
-            chosen.append(np.sort(rng.choice(idx, o.samples_per_class, replace=False)))
-            counts[int(k)] = o.samples_per_class
+            chosen.append(np.sort(rng.choice(idx, per_class, replace=False)))
+            counts[int(k)] = per_class
         order = np.concatenate(chosen)
         batches = [
             (split.load(order[i:i + o.batch_size]), torch.from_numpy(split.labels[order[i:i + o.batch_size]]))
@@ -182,15 +191,10 @@ class ClassificationTask(Task):
         ]
         return Manifold(batches, counts)
 
-    def _eval_indices(self) -> np.ndarray:
-        n = len(self.split(self.options.eval_split))
-        if self.options.eval_limit and self.options.eval_limit < n:
-            return np.sort(np.random.default_rng(0).choice(n, self.options.eval_limit, replace=False))
-        return np.arange(n)
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
-        split, idx = self.split(self.options.eval_split), self._eval_indices()
+        split = self.split(self.options.eval_split)
+        idx = self.eval_indices(len(split))
         was_training = model.training
         model.eval()
         correct = 0

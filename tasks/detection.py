@@ -8,7 +8,7 @@ Data: one local `.npz` file (no downloads) holding, per split,
 - optionally `classes`: the class names.
 `tasks/detection_scenes.py` writes such files (Fashion-MNIST items or shapes on a canvas).
 
-Model: a `DenseDetector` (tasks/detection_model.py): images in [0, 1] in, dense
+Model: a `DenseDetector` (models/detection.py): images in [0, 1] in, dense
 detections (N, anchors, 4 + classes) out; evaluation applies its torchvision-equivalent
 post-processing (threshold, top-k, NMS) and measures mAP with `tasks.detection_ap`.
 
@@ -32,35 +32,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from cswap.errors import DataError
-from cswap.interfaces import Manifold, Task
+from cswap.interfaces import Manifold
 
 from .detection_ap import average_precision
+from .sample_set import SampleSetOptions, SampleSetTask
 
 log = logging.getLogger("cswap")
 
 
-class DetectionTask(Task):
+class DetectionTask(SampleSetTask):
     default_scorer = "detection_match"
     default_test = "paired_t"
     metric = "mAP50"
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Options(SampleSetOptions):
         root: Path = Field(description="the .npz file (see the module docstring for its arrays)")
-        manifold_split: str = "train"
-        eval_split: str = "test"
         samples_per_class: int = Field(8, ge=2, description="M_k: images of S in which each class appears")
         max_candidates: int | None = Field(None, ge=1, description="draw S from a seeded subset of this many images")
-        eval_limit: int | None = Field(None, ge=1, description="evaluate on a seeded subset of this many images")
         batch_size: int = Field(16, ge=1)
         to_rgb: bool = Field(False, description="repeat grayscale images to 3 channels (ImageNet backbones)")
 
-    def __init__(self, options: "DetectionTask.Options", **_):
-        self.options = options
+    def __init__(self, options: "DetectionTask.Options"):
+        super().__init__(options)
         if not Path(options.root).is_file():
             raise DataError(f"detection data file {options.root} does not exist (task option root)")
         self._data = None
@@ -84,7 +81,9 @@ class DetectionTask(Task):
         self._arrays(self.options.manifold_split)
         return [str(c) for c in self._data["classes"]] if "classes" in self._data.files else None
 
-    def num_classes(self) -> int:
+    def class_count(self) -> int:
+        """Classes of the data (0..n-1). Not `Task.num_classes`: a detector's output width is not
+        its class count, so the core's coverage check does not apply (S warns of absent classes)."""
         labels = np.concatenate([self._arrays(s)[2].ravel() for s in (self.options.manifold_split, self.options.eval_split)])
         return int(labels.max()) + 1
 
@@ -109,8 +108,8 @@ class DetectionTask(Task):
         return out
 
     # ---- Task interface -------------------------------------------------------------------
-    def manifold(self, seed: int) -> Manifold:
-        o = self.options
+    def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
+        o, per_class = self.options, self.per_class(samples_per_class)
         _, _, labels = self._arrays(o.manifold_split)
         rng = np.random.default_rng(seed)
         candidates = rng.permutation(len(labels))
@@ -122,7 +121,7 @@ class DetectionTask(Task):
             for k in classes:
                 frequency[k] = frequency.get(k, 0) + 1
         names = self.class_names
-        absent = [k for k in range(self.num_classes()) if k not in frequency]
+        absent = [k for k in range(self.class_count()) if k not in frequency]
         if absent:
             msg = f"classes {absent} appear in no image of split {o.manifold_split!r}; they get no observations"
             warnings.warn(msg)
@@ -131,12 +130,12 @@ class DetectionTask(Task):
         taken: set[int] = set()
         counts = {k: 0 for k in frequency}
         for k in sorted(frequency, key=lambda c: (frequency[c], c)):
-            if frequency[k] < o.samples_per_class:
+            if frequency[k] < per_class:
                 name = f" ({names[k]})" if names and k < len(names) else ""
                 raise DataError(f"class {k}{name} appears in {frequency[k]} images of split {o.manifold_split!r}, "
-                                f"fewer than samples_per_class={o.samples_per_class}")
+                                f"fewer than samples_per_class={per_class}")
             for i in candidates:
-                if counts[k] >= o.samples_per_class:
+                if counts[k] >= per_class:
                     break
                 if k in present[int(i)] and int(i) not in taken:
                     chosen.append(int(i))
@@ -150,18 +149,13 @@ class DetectionTask(Task):
                    for i in range(0, len(chosen), o.batch_size)]
         return Manifold(batches, counts)
 
-    def _eval_indices(self) -> np.ndarray:
-        n = len(self._arrays(self.options.eval_split)[0])
-        if self.options.eval_limit and self.options.eval_limit < n:
-            return np.sort(np.random.default_rng(0).choice(n, self.options.eval_limit, replace=False))
-        return np.arange(n)
-
     @torch.no_grad()
     def detections(self, model: nn.Module, device="cpu") -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
         """The model's post-processed detections on the evaluation split, and the ground truth."""
         if not hasattr(model, "postprocess"):
-            raise TypeError(f"the detection task needs a DenseDetector (tasks/detection_model.py), got {type(model).__name__}")
-        split, idx = self.options.eval_split, self._eval_indices()
+            raise TypeError(f"the detection task needs a DenseDetector (models/detection.py), got {type(model).__name__}")
+        split = self.options.eval_split
+        idx = self.eval_indices(len(self._arrays(split)[0]))
         _, boxes, labels = self._arrays(split)
         was_training = model.training
         model.eval()
@@ -178,7 +172,7 @@ class DetectionTask(Task):
 
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
         detections, truth = self.detections(model, device)
-        metrics = average_precision(detections, truth, self.num_classes())
+        metrics = average_precision(detections, truth, self.class_count())
         return {**metrics, "eval_samples": len(truth)}
 
     def example_inputs(self) -> torch.Tensor:

@@ -51,7 +51,7 @@ def make_scenes(n: int, *, size: int = 64, source: str = "shapes", classes: tupl
     rng = np.random.default_rng(seed)
     pool = None
     if source == "fashion_mnist":
-        from tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split
+        from cswap.tasks.idx_files import DEBIAN_FASHION_MNIST, load_mnist_split
 
         images, labels = load_mnist_split(fashion_root or DEBIAN_FASHION_MNIST, fashion_split)
         pool = {k: images[labels == c] for k, c in enumerate(classes)}

@@ -32,44 +32,42 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
 from cswap.errors import DataError
-from cswap.interfaces import Manifold, Task
+from cswap.interfaces import Manifold
 
-from . import mmcv_bridge
-from .mmseg_model import load_config
+from ..models import mmcv_bridge
+from ..models.mmseg import load_config
+from .sample_set import SampleSetOptions, SampleSetTask
 
 log = logging.getLogger("cswap")
 
 DDRNET23S_CITYSCAPES = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
 
 
-class CityscapesSegmentationTask(Task):
+class CityscapesSegmentationTask(SampleSetTask):
     default_scorer = "miou"
     default_test = "paired_t"
     metric = "mIoU"
 
-    class Options(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Options(SampleSetOptions):
         root: Path = Field(description="Cityscapes root holding leftImg8bit/ and gtFine/")
         config: str = Field(DDRNET23S_CITYSCAPES, description="mmseg config (path or shipped name) for normalisation")
-        manifold_split: str = "train"
         eval_split: str = "val"
         samples_per_class: int = Field(8, ge=2, description="M_k: images of S in which each class appears")
         min_pixels: int = Field(1, ge=1, description="pixels a class needs in an image to count as present")
         max_candidates: int | None = Field(None, ge=1, description="draw S from a seeded subset of this many images")
         scale: tuple[int, int] | None = Field((2048, 1024), description="(width, height) for mmseg Resize with "
                                                 "keep_ratio; smaller is the reduced-resolution option; null keeps size")
-        eval_limit: int | None = Field(None, ge=1, description="evaluate on a seeded subset of this many images")
         batch_size: int = Field(4, ge=1)
         missing_classes: Literal["warn", "error"] = Field(
             "warn", description="a class of the dataset in no image of S: warn (Cityscapes subsets often lack "
                                 "rare classes) or refuse")
 
-    def __init__(self, options: "CityscapesSegmentationTask.Options", **_):
-        self.options = options
+    def __init__(self, options: "CityscapesSegmentationTask.Options"):
+        super().__init__(options)
         self.missing_classes = options.missing_classes  # read by cswap.coverage
         self._datasets: dict = {}
         self._norm = None
@@ -131,9 +129,9 @@ class CityscapesSegmentationTask(Task):
         return len(self.dataset(self.options.eval_split).metainfo["classes"])
 
     # ---- Task interface ----------------------------------------------------------------
-    def manifold(self, seed: int) -> Manifold:
+    def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
         """S by the rule in the module docstring; batches of `batch_size` images."""
-        o = self.options
+        o, per_class = self.options, self.per_class(samples_per_class)
         ds = self.dataset(o.manifold_split)
         classes = list(ds.metainfo["classes"])
         rng = np.random.default_rng(seed)
@@ -150,15 +148,15 @@ class CityscapesSegmentationTask(Task):
             warnings.warn(f"classes {', '.join(absent)} appear in no image of split {o.manifold_split!r}; "
                           "they have no group in S")
         for k in sorted(np.flatnonzero(frequency), key=lambda c: (frequency[c], c)):
-            if frequency[k] < o.samples_per_class:
+            if frequency[k] < per_class:
                 raise DataError(
                     f"class {k} ({classes[k]}) appears in {frequency[k]} images of split {o.manifold_split!r}"
                     f"{' (candidates)' if len(candidates) < len(ds) else ''}, fewer than "
-                    f"samples_per_class={o.samples_per_class}"
+                    f"samples_per_class={per_class}"
                 )
             have = int(present[taken, k].sum())
             for j in order:
-                if have >= o.samples_per_class:
+                if have >= per_class:
                     break
                 if not taken[j] and present[j, k]:
                     taken[j] = True
@@ -175,19 +173,13 @@ class CityscapesSegmentationTask(Task):
         label = label[label < num_classes]
         return np.bincount(label, minlength=num_classes)[:num_classes] >= self.options.min_pixels
 
-    def _eval_indices(self) -> np.ndarray:
-        n = len(self.dataset(self.options.eval_split))
-        limit = self.options.eval_limit
-        if limit and limit < n:
-            return np.sort(np.random.default_rng(0).choice(n, limit, replace=False))
-        return np.arange(n)
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
         """mmseg's IoUMetric on `eval_split` (mIoU, aAcc, mAcc as fractions)."""
         from mmseg.evaluation import IoUMetric
 
-        ds, idx = self.dataset(self.options.eval_split), self._eval_indices()
+        ds = self.dataset(self.options.eval_split)
+        idx = self.eval_indices(len(ds))
         metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255)
         metric.dataset_meta = ds.metainfo
         was_training = model.training

@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from adapters.cifar_resnet import cifar_resnet8
+from cswap.models.cifar_resnet import cifar_resnet8
 
 # The test models are tiny: one thread is as fast as two and does not fight other processes
 # (on a loaded 2-core machine two threads per process were measured 10-40x slower).
@@ -151,3 +151,17 @@ def one_thread():
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
+
+
+def cswap_plan(model, task, seed: int = 0, *, test=None, scorer=None, manifold=None, adapter="auto", **options):
+    """C-SWAP's plan of `model` on `task` through the core's own parts (what `cswap.analyze`
+    does, with a test object of the caller's), units as the adapter gives them (unverified),
+    `options` keyword arguments of `PruningOptions`."""
+    from cswap.build import analysis_for
+    from cswap.options import PruningOptions
+    from cswap.plan import PruningPlan
+    from cswap.pruner import progressive_prune
+
+    a = analysis_for(model, task, scorer=scorer, test=test, adapter=adapter, progress=False,
+                     options=PruningOptions(verify_units=False, **options))
+    return PruningPlan.from_ranking(model, a.units, progressive_prune(a, seed, manifold=manifold), adapter=a.adapter_name)

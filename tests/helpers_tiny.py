@@ -6,8 +6,8 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from adapters.cifar_resnet import cifar_resnet8
-from cswap import registry
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.tasks.classification import ClassificationTask
 
 CLASSES = 4
 
@@ -43,10 +43,7 @@ def blob_data(shape: tuple[int, ...], n: int = 64, seed: int = 0) -> tuple[torch
 
 def tensor_task(shape, samples_per_class: int = 3, n: int = 64):
     train, test = blob_data(shape, n, 0), blob_data(shape, n, 1)
-    return registry.create(
-        "tasks", "classification",
-        {"dataset": "tensors", "samples_per_class": samples_per_class, "batch_size": 64},
-        tensors={"train": train, "test": test})
+    return ClassificationTask.from_tensors(*train, samples_per_class, test=test, batch_size=64)
 
 
 def train_briefly(model: nn.Module, task, steps: int = 30) -> nn.Module:

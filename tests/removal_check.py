@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from cswap.build import resolve_adapter
-from cswap.plan import RANKED, PlanStep, PruningPlan
-from cswap.units import Intervention, Unit, count_params
+from cswap.interfaces import RANKED, PlanStep, Unit
+from cswap.intervention import Intervention
+from cswap.plan import PruningPlan
+from cswap.removal import count_params
+from cswap.verify import verify_units
 
 
 @torch.no_grad()
@@ -80,7 +83,7 @@ def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", 
     graph = adapter.units(model, x)
     discovered = len(graph.layers)
     if verify:
-        graph = graph.verified(model, adapter, x)
+        graph = verify_units(model, graph, adapter, x)
     assert graph.layers, f"no prunable layers: {graph.skipped}"
     units = pick_units(graph, per_layer, max_layers)
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in units], method="test", adapter=name)

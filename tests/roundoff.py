@@ -76,7 +76,26 @@ class RecordingTest(SignificanceTest):
     of a threshold."""
 
     def __init__(self, inner: SignificanceTest):
-        self.inner, self.options, self.calls = inner, inner.options, []
+        super().__init__(inner.options)
+        self.inner, self.calls = inner, []
+
+    @property
+    def alpha(self) -> float:
+        return self.inner.alpha
+
+    def with_alpha(self, alpha: float) -> SignificanceTest:
+        return self.inner.with_alpha(alpha)
+
+    def effect(self, sigma, sigma_star):
+        return self.inner.effect(sigma, sigma_star)
+
+    @property
+    def relative_effect(self) -> bool:
+        return self.inner.relative_effect
+
+    @property
+    def verdict_by_sign(self) -> bool:
+        return self.inner.verdict_by_sign
 
     def decide(self, sigma, sigma_star, groups):
         self.calls.append((np.array(sigma, dtype=np.float64), np.atleast_2d(np.array(sigma_star, dtype=np.float64)),

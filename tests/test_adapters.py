@@ -8,17 +8,20 @@ import pytest
 import timm
 import torch
 import torchvision
-from removal_check import check_cut_equals_removal, prepare, stages_forward
-from roundoff import output_tolerance
 from torch import nn
 
-from adapters.cifar_resnet import cifar_resnet8
-from adapters.generic import GenericAdapter
-from adapters.vit import VitAdapter
+from cswap.adapters.generic import GenericAdapter
+from cswap.adapters.vit import VitAdapter
 from cswap.build import resolve_adapter
 from cswap.errors import ConfigError, ModelError
-from cswap.plan import RANKED, PlanStep, PruningPlan
-from cswap.units import Intervention, Unit, count_params
+from cswap.interfaces import RANKED, PlanStep, Unit
+from cswap.intervention import Intervention
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.plan import PruningPlan
+from cswap.removal import count_params
+
+from removal_check import check_cut_equals_removal, prepare, stages_forward
+from roundoff import output_tolerance
 
 
 def torchvision_model(name: str, size: int = 32, **kwargs) -> tuple[nn.Module, torch.Tensor]:

@@ -15,6 +15,7 @@ from scipy import stats
 from torch import nn
 
 import cswap
+
 from roundoff import ALPHA_MARGIN, float32_roundoff, reach, xi_reach, xi_tolerance
 
 ALPHA, TOL = 0.05, 1e-6

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cswap
-from adapters.cifar_resnet import cifar_resnet8
 from cswap.cli import main
 from cswap.errors import ModelError
+from cswap.models.cifar_resnet import cifar_resnet8
 
 
 def run_cli(*args):

@@ -60,7 +60,8 @@ def test_config_validates(name):
     adapter, model = PAPER[name]
     assert cfg.adapter.name == adapter and f"{cfg.model.source}:{cfg.model.name}" == model
     assert cfg.task.options["samples_per_class"] == 128 and cfg.test.options["alpha"] == 0.05
-    assert cfg.model.weights is not None and not cfg.model.weights.is_absolute()
+    # relative paths are read against the config's folder (configs/../weights/)
+    assert cfg.model.weights == CONFIGS.resolve().parent / "weights" / f"{name}.pt"
 
 
 @pytest.mark.parametrize("name", ["resnet18_cifar10", "mobilenetv2_imagenet10",

@@ -9,12 +9,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cswap import registry  # noqa: E402
+from cswap.adapters.generic import GenericAdapter  # noqa: E402
+from cswap.discovery import discover  # noqa: E402
+from cswap.interfaces import PROGRESSIVE, RANKED, Analysis, Unit  # noqa: E402
+from cswap.intervention import Intervention  # noqa: E402
+from cswap.options import PruningOptions  # noqa: E402
+from cswap.plan import PruningPlan  # noqa: E402
+from cswap.removal import count_params  # noqa: E402
+
 from helpers_tiny import tensor_task, tiny_mobilenet, tiny_resnet  # noqa: E402
 from roundoff import output_tolerance  # noqa: E402
-
-from cswap import registry  # noqa: E402
-from cswap.plan import PROGRESSIVE, RANKED  # noqa: E402
-from cswap.units import Intervention, Unit, count_params, discover  # noqa: E402
 
 ALL = ["random", "magnitude", "cbp", "integrated_gradients", "deeplift", "conductance",
        "internal_influence", "lrp", "amp", "cswap"]
@@ -50,7 +55,17 @@ def mobilenet_case():
 
 
 def make(name, **options):
-    return registry.create("criteria", name, {**OPTIONS.get(name, {}), **options}, adapter="generic")
+    return registry.create("criteria", name, {**OPTIONS.get(name, {}), **options})
+
+
+def plan_of(criterion, model, graph, task, seed: int, adapter=None, **pruning):
+    """The plan of `criterion` on the tiny model: the analysis the core would build, the
+    ranking, and the plan made from it (the adapter is the generic one unless given)."""
+    adapter = adapter or GenericAdapter()
+    analysis = Analysis(model, graph, task, registry.create("scorers", task.default_scorer),
+                        registry.create("tests", task.default_test), adapter, adapter.name, torch.device("cpu"),
+                        PruningOptions(**pruning))
+    return PruningPlan.from_ranking(model, graph, criterion.rank(analysis, seed), adapter=adapter.name)
 
 
 def check_valid_plan(plan, model, graph, task):
@@ -76,7 +91,7 @@ def check_valid_plan(plan, model, graph, task):
 def test_criterion_on_tiny_resnet(name, resnet_case):
     model, task, graph = resnet_case
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    plan = make(name).plan(model, graph, task, seed=0)
+    plan = plan_of(make(name), model, graph, task, 0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "the criterion changed the model"
     assert plan.method == name
     check_valid_plan(plan, model, graph, task)
@@ -95,7 +110,7 @@ def test_criterion_on_tiny_resnet(name, resnet_case):
 @pytest.mark.parametrize("name", ALL)
 def test_criterion_on_tiny_mobilenet_v2(name, mobilenet_case):
     model, task, graph = mobilenet_case
-    plan = make(name).plan(model, graph, task, seed=1)
+    plan = plan_of(make(name), model, graph, task, 1)
     check_valid_plan(plan, model, graph, task)
     if name not in ("amp", "cswap"):
         assert all(s.phase == RANKED for s in plan.steps)
@@ -106,15 +121,15 @@ def test_criterion_on_tiny_mobilenet_v2(name, mobilenet_case):
 
 def test_random_depends_on_seed_only(resnet_case):
     model, task, graph = resnet_case
-    a, b, c = (make("random").plan(model, graph, task, seed=s) for s in (0, 0, 1))
+    a, b, c = (plan_of(make("random"), model, graph, task, s) for s in (0, 0, 1))
     assert a.units() == b.units()
     assert a.units() != c.units()
 
 
 def test_per_layer_normalisation_gives_unit_mean_magnitude(resnet_case):
     model, task, graph = resnet_case
-    plan = make("magnitude", normalize="layer").plan(model, graph, task, seed=0)
-    raw = make("magnitude").plan(model, graph, task, seed=0)
+    plan = plan_of(make("magnitude", normalize="layer"), model, graph, task, 0)
+    raw = plan_of(make("magnitude"), model, graph, task, 0)
     scores = {}
     for s in plan.steps:
         scores.setdefault(s.unit.layer, []).append(s.score)
@@ -128,13 +143,13 @@ def test_per_layer_normalisation_gives_unit_mean_magnitude(resnet_case):
 
 def test_cbp_puts_non_critical_units_first_and_orders_by_xi(resnet_case):
     model, task, graph = resnet_case
-    plan = make("cbp").plan(model, graph, task, seed=0)
+    plan = plan_of(make("cbp"), model, graph, task, 0)
     critical = [s.category == "critical" for s in plan.steps]
     assert critical == sorted(critical)  # all non-critical, then all critical
     for block in (False, True):
         xi = [s.xi for s, c in zip(plan.steps, critical) if c == block]
         assert xi == sorted(xi, reverse=True)
-    by_xi = make("cbp", order="xi").plan(model, graph, task, seed=0)
+    by_xi = plan_of(make("cbp", order="xi"), model, graph, task, 0)
     xi = [s.xi for s in by_xi.steps]
     assert xi == sorted(xi, reverse=True)
 
@@ -142,11 +157,10 @@ def test_cbp_puts_non_critical_units_first_and_orders_by_xi(resnet_case):
 @pytest.mark.parametrize("name, options", [
     ("cbp", {}), ("amp", {"tau": 1e-3}), ("amp", {"metric": "mean_sigma", "tau": 1e-4})])
 def test_causal_baselines_on_the_staged_engine_give_the_full_forward_plan(resnet_case, name, options):
-    from adapters.resnet import ResNetAdapter
+    from cswap.adapters.resnet import ResNetAdapter
 
     model, task, graph = resnet_case
-    plans = {engine: registry.create("criteria", name, {**options, "engine": engine}, adapter="resnet",
-                                     stages=ResNetAdapter().stages).plan(model, graph, task, seed=0)
+    plans = {engine: plan_of(make(name, **options), model, graph, task, 0, adapter=ResNetAdapter(), engine=engine)
              for engine in ("auto", "full")}
     assert plans["auto"].meta["engine"] == "Staged" and plans["full"].meta["engine"] == "FullForward"
     assert [s.to_json() for s in plans["auto"].steps] == [s.to_json() for s in plans["full"].steps]
@@ -156,9 +170,9 @@ def test_causal_baselines_on_the_staged_engine_give_the_full_forward_plan(resnet
 
 def test_amp_threshold_controls_removal(resnet_case):
     model, task, graph = resnet_case
-    everything = make("amp", tau=1e9).plan(model, graph, task, seed=0)
+    everything = plan_of(make("amp", tau=1e9), model, graph, task, 0)
     assert everything.num_noncritical == len(everything.steps)
-    strict = make("amp", tau=1e-9, metric="mean_sigma").plan(model, graph, task, seed=0)
+    strict = plan_of(make("amp", tau=1e-9, metric="mean_sigma"), model, graph, task, 0)
     assert 1 <= strict.num_noncritical < len(strict.steps)  # the dead unit at least, not all
     kept = [s.score for s in strict.steps[strict.num_noncritical:]]
     assert kept == sorted(kept) and min(kept) >= 1e-9
@@ -172,8 +186,9 @@ def test_unknown_option_is_rejected():
 
 
 def test_lrp_rewrite_keeps_the_function_and_replaces_every_residual_sum(resnet_case, mobilenet_case):
-    from criteria.lrp import conv_bn_pairs, residual_sums_as_modules
     from zennit.layer import Sum
+
+    from cswap.criteria.lrp import conv_bn_pairs, residual_sums_as_modules
 
     for (model, task, _), adds, pairs in ((resnet_case, 3, 9), (mobilenet_case, 1, 10)):
         gm = residual_sums_as_modules(model)
@@ -185,7 +200,7 @@ def test_lrp_rewrite_keeps_the_function_and_replaces_every_residual_sum(resnet_c
 
 
 def test_deeplift_unsharing_keeps_the_function(resnet_case):
-    from criteria.attribution import _PerCall, unshare_activations
+    from cswap.criteria.attribution import _PerCall, unshare_activations
 
     model, task, _ = resnet_case
     x = torch.randn(3, 1, 28, 28)
@@ -197,7 +212,7 @@ def test_deeplift_unsharing_keeps_the_function(resnet_case):
 
 
 def test_producers_of_a_residual_stream(resnet_case, mobilenet_case):
-    from criteria.base import channel_sources
+    from cswap.criteria.base import channel_sources
 
     model, _, graph = resnet_case
     names = {m: n for n, m in model.named_modules()}
@@ -212,8 +227,8 @@ def test_producers_of_a_residual_stream(resnet_case, mobilenet_case):
 
 
 def test_lrp_refuses_untraceable_models():
+    from cswap.criteria.lrp import residual_sums_as_modules
     from cswap.errors import ModelError
-    from criteria.lrp import residual_sums_as_modules
 
     class Branchy(torch.nn.Module):
         def __init__(self):

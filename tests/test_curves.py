@@ -12,13 +12,13 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers_tiny import CLASSES, blob_data, tiny_resnet  # noqa: E402
-
 from cswap.cli import main  # noqa: E402
 from cswap.curves import parse_criteria, parse_ratios  # noqa: E402
 from cswap.errors import ConfigError  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.sauce import sauce  # noqa: E402
+
+from helpers_tiny import CLASSES, blob_data, tiny_resnet  # noqa: E402
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_curve_cli_writes_every_output_and_consistent_numbers(config, tmp_path, 
 
 def test_sweep_cli_reports_every_setting(config, tmp_path):
     out = tmp_path / "sweep"
-    rc = main(["sweep", str(config), "--alpha", "0.05,0.2", "--voting", "per_class,pooled",
+    rc = main(["sweep", str(config), "--alpha", "0.05,0.2", "--test-option", "voting=per_class,pooled",
                "--samples-per-class", "2,3", "--ratios", "0,0.5", "--out", str(out), "--quiet"])
     assert rc == 0
     rows = _read_csv(out / "sweep.csv")
@@ -124,15 +124,18 @@ def test_sweep_cli_reports_every_setting(config, tmp_path):
 
 
 def test_replay_stops_where_the_plan_cannot_shrink_further():
+    from cswap import registry
+    from cswap.build import analysis_for
+    from cswap.curves import replay_curve
+    from cswap.plan import PruningPlan
+
     from helpers_tiny import tensor_task
 
-    from cswap import registry
-    from cswap.curves import replay_curve
-    from cswap.units import discover
-
     model, task = tiny_resnet(), tensor_task((1, 28, 28), samples_per_class=2, n=16)
-    graph = discover(model, task.example_inputs(), ignored_layers=[model.fc])
-    plan = registry.create("criteria", "magnitude").plan(model, graph, task, seed=0)
+    analysis = analysis_for(model, task)
+    graph = analysis.units
+    plan = PruningPlan.from_ranking(model, graph, registry.create("criteria", "magnitude").rank(analysis, 0),
+                                    adapter=analysis.adapter_name)
     plan.steps = plan.steps[: len(plan.steps) // 3]  # a plan that can remove only part of the model
     reachable = plan.cumulative_params_removed()[-1] / plan.params_total
     assert 0.05 < reachable < 0.9

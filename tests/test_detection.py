@@ -12,12 +12,13 @@ import yaml
 
 from cswap import registry
 from cswap.causal import PairedTTest
-from removal_check import check_cut_equals_removal, prepare, stages_forward
-from scorers.detection import DetectionMatchScorer
-from tasks.detection_ap import average_precision, voc_ap
-from tasks.detection_model import tiny_retinanet, train_detector
-from tasks.detection_scenes import write_npz
+from cswap.models.detection import tiny_retinanet
+from cswap.models.detection_training import train_detector
+from cswap.scorers.detection import DetectionMatchScorer
+from cswap.tasks.detection_ap import average_precision, voc_ap
+from cswap.tasks.detection_scenes import write_npz
 
+from removal_check import check_cut_equals_removal, prepare, stages_forward
 
 
 def _lively(model):
@@ -205,7 +206,7 @@ def test_cswap_prune_detection_end_to_end(scenes, tmp_path, one_thread, capsys):
 def test_torchvision_detectors_cut_equals_removal(name, skipped, one_thread):
     """The registered `torchvision_detector` builder on full-size torchvision detectors
     (random init, 3 classes, 64x64 input): FCOS's GroupNorm towers are skipped with the reason."""
-    from tasks.detection_model import torchvision_detector
+    from cswap.models.detection import torchvision_detector
 
     torch.manual_seed(0)
     model = prepare(torchvision_detector(name, num_classes=3), torch.rand(2, 3, 64, 64))

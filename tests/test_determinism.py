@@ -15,11 +15,11 @@ import json
 import pytest
 import torch
 
-from adapters.cifar_resnet import cifar_resnet8
-from conftest import patterns, randomize_batchnorm, train
 from cswap import registry
-from cswap.build import resolve_adapter
-from cswap.pruner import progressive_prune
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.tasks.classification import ClassificationTask
+
+from conftest import cswap_plan, patterns, randomize_batchnorm, train
 from roundoff import RecordingTest, assert_no_knife_edge, decisions, float32_roundoff, xi_tolerance
 
 
@@ -32,16 +32,12 @@ def model_and_data():
 
 
 def _analyze(model, x, y, threads: int, test=None):
-    task = registry.create("tasks", "classification", {"dataset": "tensors", "samples_per_class": 20,
-                                                       "eval_split": "train"}, tensors={"train": (x, y)})
-    name, adapter = resolve_adapter("auto", model)
+    task = ClassificationTask.from_tensors(x, y, 20)
     test = test or registry.create("tests", "paired_t", {"alpha": 1e-3})
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return progressive_prune(model, adapter.units(model, x[:1]), task.manifold(4),
-                                 registry.create("scorers", "class_probability"), test, adapter=name, seed=4,
-                                 progress=False, stages=adapter.stages)
+        return cswap_plan(model, task, 4, test=test)
     finally:
         torch.set_num_threads(before)
 

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 import cswap
-from adapters.cifar_resnet import cifar_resnet8
-from conftest import patterns, randomize_batchnorm, train
 from cswap.build import resolve_adapter
 from cswap.engine import FullForward, Staged, make_engine
-from cswap.units import Intervention
-from cswap.pruner import progressive_prune
+from cswap.intervention import Intervention
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.tasks.classification import ClassificationTask
+
+from conftest import cswap_plan, patterns, randomize_batchnorm, train
 from roundoff import ROUNDOFF_FACTOR, RecordingTest, assert_no_knife_edge, decisions, float32_roundoff, xi_tolerance
 
 
@@ -34,9 +35,7 @@ def test_auto_picks_staged_for_resnet(model_and_data):
     model, x, y = model_and_data
     _, adapter = resolve_adapter("auto", model)
     graph = adapter.units(model, x[:1])
-    task = cswap.registry.create("tasks", "classification",
-                                 {"dataset": "tensors", "samples_per_class": 20, "eval_split": "train"},
-                                 tensors={"train": (x, y)})
+    task = ClassificationTask.from_tensors(x, y, 20)
     scorer = cswap.registry.create("scorers", "class_probability")
     engine = make_engine("auto", model, scorer, task.manifold(0), graph, adapter.stages(model))
     assert isinstance(engine, Staged) and engine.check_equals_forward()
@@ -56,10 +55,8 @@ def test_delta_engine_gives_the_same_decisions(model_and_data):
     """The rank-one update changes round-off only: the same decisions (on a fixture whose
     decisions round-off cannot move) and xi within round-off of the full forward's."""
     model, x, y = model_and_data
-    adapter, graph, manifold, scorer = _engine_parts(model, x, y)
     recorded = RecordingTest(cswap.registry.create("tests", "paired_t", {}))
-    full = progressive_prune(model, graph, manifold, scorer, recorded, adapter="resnet", stages=adapter.stages,
-                             engine="full", progress=False)
+    full = cswap_plan(model, ClassificationTask.from_tensors(x, y, 20), test=recorded, engine="full")
     roundoff = float32_roundoff(model, x)
     assert_no_knife_edge(recorded, roundoff)
     delta = cswap.analyze(model, (x, y), samples_per_class=20, seed=0, engine="delta", progress=False)
@@ -89,9 +86,7 @@ def cswap_log(level=logging.INFO):
 def _engine_parts(model, x, y, samples_per_class=20):
     _, adapter = resolve_adapter("auto", model)
     graph = adapter.units(model, x[:1])
-    task = cswap.registry.create("tasks", "classification",
-                                 {"dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train"},
-                                 tensors={"train": (x, y)})
+    task = ClassificationTask.from_tensors(x, y, samples_per_class)
     return adapter, graph, task.manifold(0), cswap.registry.create("scorers", "class_probability")
 
 
@@ -197,18 +192,11 @@ def test_unit_batch_shrinks_when_memory_runs_out():
     assert [s.to_json() for s in eight.steps] == [s.to_json() for s in one.steps]
 
 
-def test_unit_batch_must_be_positive_and_exact(model_and_data):
-    from cswap.config import PruningConfig
-    from cswap.errors import ConfigError
-    from cswap.fast import FastOptions
-    from cswap.pruner import progressive_prune
+def test_unit_batch_must_be_positive_and_exact():
+    from cswap.options import FastOptions, PruningOptions
 
-    assert PruningConfig(unit_batch="auto").unit_batch == "auto"
+    assert PruningOptions(unit_batch="auto").unit_batch == "auto"
     with pytest.raises(ValueError, match="at least 1"):
-        PruningConfig(unit_batch=0)
-    model, x, y = model_and_data
-    adapter, graph, manifold, scorer = _engine_parts(model, x, y)
-    with pytest.raises(ConfigError, match="cannot be combined with pruning.fast"):
-        progressive_prune(model, graph, manifold, scorer, cswap.registry.create("tests", "paired_t", {}),
-                          adapter="resnet", stages=adapter.stages, unit_batch=4,
-                          fast=FastOptions(group_testing=True))
+        PruningOptions(unit_batch=0)
+    with pytest.raises(ValueError, match="cannot be combined with fast"):
+        PruningOptions(unit_batch=4, fast=FastOptions(group_testing=True))

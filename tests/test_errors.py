@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from cswap import registry
-from cswap.build import resolve_adapter
 from cswap.cli import main
 from cswap.errors import ConfigError, DataError, ResourceError
 from cswap.interfaces import Scores, ScoringFunction
-from cswap.pruner import progressive_prune
-from adapters.cifar_resnet import cifar_resnet8
-from conftest import patterns
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.tasks.classification import ClassificationTask
+
+from conftest import cswap_plan, patterns
 from roundoff import RecordingTest, assert_no_knife_edge, float32_roundoff
 
 
@@ -60,13 +59,8 @@ def _model():
 
 def _analysis(scorer, batch_size, test=None):
     x, y = patterns(12, size=12)
-    model = _model()
-    _, adapter = resolve_adapter("auto", model)
-    task = registry.create("tasks", "classification",
-                           {"dataset": "tensors", "samples_per_class": 12, "eval_split": "train", "batch_size": batch_size},
-                           tensors={"train": (x, y)})
-    return progressive_prune(model, adapter.units(model, x[:1]), task.manifold(0), scorer,
-                             test or registry.create("tests", "paired_t"), adapter="resnet", progress=False)
+    task = ClassificationTask.from_tensors(x, y, 12, batch_size=batch_size)
+    return cswap_plan(_model(), task, 0, scorer=scorer, test=test)
 
 
 def test_out_of_memory_halves_the_batch_then_fails_clearly():
@@ -234,14 +228,15 @@ def test_truncated_or_edited_plan_is_a_clear_error(tmp_path, config):
 
 # ---- a sample set that cannot answer for every class (issue #14, item 5) -------------------
 def test_sample_set_with_one_class_of_a_ten_class_model_is_refused(tmp_path, capsys):
-    demo = yaml.safe_load(Path("configs/demo.yaml").read_text())
-    data = np.load(demo["task"]["options"]["root"])
+    from cswap.demo import DEMO_CONFIG, demo_config
+
+    data = np.load(demo_config().task.options["root"])
     keep = data["manifold_labels"] == 0
     one = tmp_path / "class0.npz"
     np.savez(one, manifold_images=data["manifold_images"][keep], manifold_labels=data["manifold_labels"][keep],
              eval_images=data["eval_images"], eval_labels=data["eval_labels"])
     before = _files(tmp_path)
-    assert main(["prune", "configs/demo.yaml", "--set", f"task.options.root={one}",
+    assert main(["prune", str(DEMO_CONFIG), "--set", f"task.options.root={one}",
                  "--out", str(tmp_path / "r"), "--quiet"]) == 2
     _one_line(capsys, "S covers 1 of the 10 classes the model predicts", "present: [0]", "missing: [1, 2")
     assert _files(tmp_path) == before
@@ -275,7 +270,7 @@ def test_a_task_that_declares_no_classes_is_not_checked():
             x, y = patterns(12, size=12)
             self.x, self.y = x, y * 0  # one group only
 
-        def manifold(self, seed):
+        def manifold(self, seed, samples_per_class=None):
             return Manifold([(self.x, self.y)], {0: len(self.y)})
 
         def evaluate(self, model, device="cpu"):

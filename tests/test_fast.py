@@ -6,26 +6,22 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.cifar_resnet import cifar_resnet8
 from cswap import registry
 from cswap.build import resolve_adapter
 from cswap.errors import ConfigError
-from cswap.fast import FastOptions, GroupSizer, stratified, taylor_estimates
 from cswap.interfaces import Manifold
-from cswap.pruner import progressive_prune
-from conftest import blobs, patterns, train
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.options import FastOptions
+from cswap.pruner.fast import GroupSizer, stratified, taylor_estimates
+from cswap.tasks.classification import ClassificationTask
+
+from conftest import blobs, cswap_plan, patterns, train
 
 
 def _analysis(model, x, y, fast=None, samples_per_class=30, batch_size=256, engine="auto", seed=0):
-    task = registry.create("tasks", "classification", {
-        "dataset": "tensors", "samples_per_class": samples_per_class, "eval_split": "train",
-        "batch_size": batch_size}, tensors={"train": (x, y)})
-    name, adapter = resolve_adapter("auto", model)
-    graph = adapter.units(model, x[:1])
-    plan = progressive_prune(model, graph, task.manifold(seed), registry.create("scorers", "class_probability"),
-                             registry.create("tests", "paired_t", {}), adapter=name, seed=seed, progress=False,
-                             stages=adapter.stages, engine=engine, fast=FastOptions(**(fast or {})))
-    return plan, graph
+    task = ClassificationTask.from_tensors(x, y, samples_per_class, batch_size=batch_size)
+    plan = cswap_plan(model, task, seed, engine=engine, fast=FastOptions(**(fast or {})))
+    return plan, resolve_adapter("auto", model)[1].units(model, x[:1])
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +164,7 @@ def test_early_critical_needs_xi_clearly_below_zero():
     """A unit that clearly hurts class 0 but whose relative effect on class 1 is large and
     noisy: xi on these samples is slightly negative, yet not significantly, so sequential
     testing must not stop and keep it (the full S may well call it detrimental)."""
-    from cswap.fast import clearly_critical, interim_test
+    from cswap.pruner.fast import clearly_critical
 
     rng = np.random.default_rng(0)
     n = 20
@@ -177,7 +173,7 @@ def test_early_critical_needs_xi_clearly_below_zero():
     noisy = 0.05 * (1 + rng.choice([-0.9, 0.7], n))  # relative effects -90% or +70%
     groups = np.r_[np.zeros(n, int), np.ones(n, int)]
     test = registry.create("tests", "paired_t", {})
-    interim = interim_test(test, 0.01)
+    interim = test.with_alpha(0.01)
     star = np.r_[hurt, noisy]
     plain = interim.decide(sigma, star[None, :], groups)[0]
     assert plain.category == "critical" and plain.xi < 0  # what a naive early stop would use

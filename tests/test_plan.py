@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import cswap
-from adapters.cifar_resnet import cifar_resnet8
+from cswap.interfaces import PROGRESSIVE
+from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.removal import count_params
+
 from conftest import patterns, randomize_batchnorm, train
-from cswap.plan import PROGRESSIVE
-from cswap.units import count_params
 
 
 @pytest.fixture(scope="module")

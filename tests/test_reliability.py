@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from adapters.cifar_resnet import cifar_resnet8
 from cswap.cli import main
+from cswap.models.cifar_resnet import cifar_resnet8
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,7 @@ def test_a_registered_name_looked_up_in_the_wrong_registry_imports_nothing(mmseg
     """`LoadImageFromFile` is registered (as a transform), so the static check lets it pass;
     the model registry does not have it, and mmengine would then `import LoadImageFromFile`:
     a module of that name on sys.path would run. The build-time guard refuses instead."""
-    from tasks.mmseg_model import build_mmseg_model
+    from cswap.models.mmseg import build_mmseg_model
 
     marker = tmp_path / "pwned_C"
     (tmp_path / "LoadImageFromFile.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
@@ -76,7 +76,7 @@ def test_a_registered_name_looked_up_in_the_wrong_registry_imports_nothing(mmseg
 
 
 def test_custom_imports_of_a_config_file_are_not_imported(mmseg, tmp_path, monkeypatch):
-    from tasks.mmseg_model import build_mmseg_model, resolve_config
+    from cswap.models.mmseg import build_mmseg_model, resolve_config
 
     marker = tmp_path / "pwned_D"
     (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from cswap.causal import PairedTTest
-from scorers.miou import IoUScorer
+from cswap.scorers.miou import IoUScorer
 
 ROAD, BUILDING, SKY, CAR = 0, 2, 10, 13  # Cityscapes train ids
 PALETTE = {ROAD: (128, 64, 128), BUILDING: (70, 70, 70), SKY: (70, 130, 180), CAR: (0, 0, 142)}
@@ -91,14 +91,18 @@ def mmseg():
 
 
 def _ddrnet(options=None):
-    from tasks.mmseg_model import build_mmseg_model
+    from cswap.models.mmseg import build_mmseg_model
 
     return build_mmseg_model(DDRNET, options)
 
 
 def test_ddrnet_cut_equals_removal_and_pruned_model_runs(mmseg, one_thread):
+    from cswap.discovery import discover
+    from cswap.interfaces import Unit
+    from cswap.intervention import Intervention
+    from cswap.removal import prune_units
+
     from conftest import randomize_batchnorm
-    from cswap.units import Intervention, Unit, discover, prune_units
 
     model = randomize_batchnorm(_ddrnet())
     x = torch.randn(1, 3, 64, 128)
@@ -130,8 +134,9 @@ def test_ddrnet_cut_equals_removal_and_pruned_model_runs(mmseg, one_thread):
 
 
 def test_ddrnet_adapter_stage_chain_equals_model(mmseg, one_thread):
-    from conftest import randomize_batchnorm
     from cswap import registry
+
+    from conftest import randomize_batchnorm
 
     model = randomize_batchnorm(_ddrnet(TINY))
     adapter = registry.create("adapters", "ddrnet")
@@ -197,9 +202,8 @@ def test_task_reads_cityscapes_layout_with_mmseg(mmseg, cityscapes):
 
 
 def test_cswap_prune_runs_on_tiny_cityscapes(mmseg, cityscapes, tmp_path, one_thread, capsys):
-    from cswap.cli import main
-
     from cswap import registry
+    from cswap.cli import main
 
     # a few seconds of training (BN frozen at its initial statistics, the wrapper is eval-only)
     # so the analysis sees a model that segments: mIoU about 0.6 on the fixture

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from removal_check import check_cut_equals_removal, prepare
 
 from cswap.build import resolve_adapter
 from cswap.errors import ModelError
+from cswap.verify import verify_units
+
+from removal_check import check_cut_equals_removal, prepare
 
 timm = pytest.importorskip("timm")
 
@@ -111,7 +113,7 @@ def check_documented_outcome(name: str, outcome: str) -> None:
     else:
         assert outcome.startswith("no layer left"), outcome
         graph = adapter.units(model, x)
-        graph = graph.verified(model, adapter, x)
+        graph = verify_units(model, graph, adapter, x)
         assert not graph.layers and graph.skipped and all(len(why) > 15 for why in graph.skipped.values())
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from removal_check import check_cut_equals_removal, prepare
 
 from cswap.errors import ModelError
+
+from removal_check import check_cut_equals_removal, prepare
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 ALL = torchvision.models.list_models(module=torchvision.models)

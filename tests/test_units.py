@@ -11,14 +11,17 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import blobs, randomize_batchnorm
 from torch import nn
 
 import cswap
-from adapters.cifar_resnet import cifar_resnet20
 from cswap.build import resolve_adapter
-from cswap.units import Intervention, ParamLedger, _note_if_slow, count_params, discover, prune_units
+from cswap.discovery import _note_if_slow, discover
+from cswap.intervention import Intervention
+from cswap.models.cifar_resnet import cifar_resnet20
+from cswap.removal import ParamLedger, count_params, prune_units
 from cswap.verify import verify_units
+
+from conftest import blobs, randomize_batchnorm
 
 
 class Branchy(nn.Module):
@@ -222,7 +225,7 @@ def test_vit_heads_whose_removal_leaves_attributes_stale_are_left_out():
     num_heads breaks the attention's reshape; only the head layers are left out."""
     import timm
 
-    from adapters.vit import VitAdapter
+    from cswap.adapters.vit import VitAdapter
 
     class StaleHeads(VitAdapter):
         def after_pruning(self, model):

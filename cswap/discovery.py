@@ -1,13 +1,14 @@
-"""Pruning units on torch-pruning's DependencyGraph, their interventions and their removal.
+"""Finding a model's pruning units on torch-pruning's DependencyGraph.
 
 A *layer* here is one torch-pruning dependency group: channels coupled across modules (a
 residual stream couples every convolution that writes into it). A *unit* is one channel of
 such a group. Cutting a unit's outgoing connections (Algorithm 1, line 4) means zeroing the
 weights through which every consumer reads it, i.e. the group's input-channel slices of
-convolutions and linear layers. That is exactly physical removal as long as nothing else
-reads the channel; groups where something else does (a LayerNorm or GroupNorm mixes the
-channel into its statistics, the channel is a model output, a grouped convolution would be
-left invalid) are reported as not prunable with the reason, never approximated.
+convolutions and linear layers (`cswap.intervention`). That is exactly physical removal
+(`cswap.removal`) as long as nothing else reads the channel; groups where something else does
+(a LayerNorm or GroupNorm mixes the channel into its statistics, the channel is a model
+output, a grouped convolution would be left invalid) are reported as not prunable with the
+reason, never approximated; `cswap.verify` then checks every layer that is left.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import contextlib
 import logging
 import threading
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -23,7 +23,9 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops
 
-from .errors import ModelError
+from .errors import ModelError, one_line
+from .hooks import trace_calls
+from .interfaces import Layer, UnitGraph
 
 log = logging.getLogger("cswap")
 #: after this many seconds a trace that is still running says so (some timm models take minutes)
@@ -48,67 +50,6 @@ _WHY_NOT = {
 }
 
 
-@dataclass(frozen=True, order=True)
-class Unit:
-    """One channel of a layer (dependency group), named by the group's root module."""
-
-    layer: str
-    channel: int
-
-    def __str__(self) -> str:
-        return f"{self.layer}:{self.channel}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Unit":
-        layer, _, channel = text.rpartition(":")
-        return cls(layer, int(channel))
-
-
-@dataclass
-class Layer:
-    """A dependency group: the coupled channels, who reads them, and what removing one frees."""
-
-    name: str  # root module name: stable across copies of the same architecture
-    channels: int
-    position: int  # execution index of its last producer: larger is nearer the output
-    modules: list[str]
-    # consumer weight slices: (parameter name, dim, per-channel indices in that parameter)
-    reads: list[tuple[str, int, list[list[int]]]] = field(default_factory=list)
-    # every parameter slice that physical removal deletes: (parameter name, dim, per-channel count)
-    frees: list[tuple[str, int, list[int]]] = field(default_factory=list)
-
-    def units(self) -> list[Unit]:
-        return [Unit(self.name, c) for c in range(self.channels)]
-
-
-@dataclass
-class UnitGraph:
-    """The prunable layers of a model, ordered from output to input, plus those left out."""
-
-    layers: list[Layer]
-    skipped: dict[str, str]  # layer name -> why it is not prunable
-    input_shape: tuple[int, ...]
-    # layers kept although their cut could not be checked against removal (see cswap.verify)
-    unverified: dict[str, str] = field(default_factory=dict)
-
-    def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        raise KeyError(f"no prunable layer {name!r}")
-
-    @property
-    def num_units(self) -> int:
-        return sum(layer.channels for layer in self.layers)
-
-    def verified(self, model: nn.Module, adapter, example_inputs: torch.Tensor) -> "UnitGraph":
-        """This graph with every layer whose cut is not its removal moved to `skipped`
-        (`cswap.verify.verify_units`; the core calls it wherever it builds units for a run)."""
-        from .verify import verify_units
-
-        return verify_units(model, self, adapter, example_inputs)
-
-
 def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp.DependencyGraph:
     try:
         with torch.enable_grad(), _note_if_slow(f"torch-pruning is tracing {type(model).__name__}"):
@@ -123,13 +64,6 @@ def build_dependency_graph(model: nn.Module, example_inputs: torch.Tensor) -> tp
             "Hint: tracing covers the whole forward, so ignored_layers cannot skip this; use an "
             "adapter written for this architecture (see docs/architectures.md)."
         ) from exc
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line, cut to `limit` characters: errors a user reads
-    (CSwapError messages, skip reasons) are one line each."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -187,25 +121,17 @@ def _trace_order_and_outputs(model: nn.Module, example_inputs: torch.Tensor) -> 
     torch-pruning marks a model output only when a non-module op produces it; a head such as
     `fc` returning the logits directly is found here instead.
     """
-    order: dict[nn.Module, int] = {}
     produced: dict[int, nn.Module] = {}  # first (innermost) module to return each tensor
     alive: list[torch.Tensor] = []  # keeps ids unique while the forward runs
 
-    def record(module, args, output) -> None:  # a hook must return None to keep the output
-        order.setdefault(module, len(order))
+    def record(module, args, output) -> None:
         if isinstance(output, torch.Tensor):
             produced.setdefault(id(output), module)
             alive.append(output)
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if m is not model]
-    try:
-        with torch.no_grad():
-            out = model(example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    outputs = [t for t in _flatten(out) if isinstance(t, torch.Tensor)]
-    return order, {produced[id(t)] for t in outputs if id(t) in produced}
+    trace = trace_calls(model, example_inputs, [m for m in model.modules() if m is not model], record)
+    outputs = [t for t in _flatten(trace.output) if isinstance(t, torch.Tensor)]
+    return trace.order, {produced[id(t)] for t in outputs if id(t) in produced}
 
 
 def _flatten(obj) -> list:
@@ -331,135 +257,3 @@ def _out_channel_fns(module: nn.Module) -> set:
     if isinstance(module, ops.TORCH_LINEAR):
         return {tp.prune_linear_out_channels}
     return set()
-
-
-class Intervention:
-    """Cuts units of a live model by zeroing the weights that read them, and undoes cuts.
-
-    The model must be the one the UnitGraph was discovered on (parameters are found by name).
-    Slices of different units never overlap, so restoring one unit from the saved original
-    weights never touches another unit's cut.
-    """
-
-    def __init__(self, model: nn.Module, graph: UnitGraph):
-        params = dict(model.named_parameters())
-        self._slices: dict[str, list[tuple[torch.Tensor, int, torch.Tensor]]] = {}
-        self._originals: dict[str, torch.Tensor] = {}
-        for layer in graph.layers:
-            for pname, dim, per_channel in layer.reads:
-                p = params[pname]
-                self._originals.setdefault(pname, p.detach().clone())
-                for c, idx in enumerate(per_channel):
-                    if idx:
-                        index = torch.tensor(idx, dtype=torch.long, device=p.device)
-                        self._slices.setdefault(f"{layer.name}:{c}", []).append((pname, dim, index))
-        self._params = params
-        self.cut_units: set[Unit] = set()
-
-    def cut(self, unit: Unit) -> None:
-        with torch.no_grad():
-            for pname, dim, index in self._slices.get(str(unit), []):
-                self._params[pname].index_fill_(dim, index, 0.0)
-        self.cut_units.add(unit)
-
-    def restore(self, unit: Unit) -> None:
-        with torch.no_grad():
-            for pname, dim, index in self._slices.get(str(unit), []):
-                original = self._originals[pname].index_select(dim, index)
-                self._params[pname].index_copy_(dim, index, original)
-        self.cut_units.discard(unit)
-
-    @contextlib.contextmanager
-    def trial(self, units: Iterable[Unit]) -> Iterator[None]:
-        """Cut `units` for the duration of the block, then restore them."""
-        units = [u for u in units if u not in self.cut_units]
-        for u in units:
-            self.cut(u)
-        try:
-            yield
-        finally:
-            for u in units:
-                self.restore(u)
-
-
-class ParamLedger:
-    """Counts the parameters that removing units frees, exactly, without touching the model.
-
-    Removing channel c of a layer deletes, in every parameter it appears in, a slice whose
-    size is the product of that parameter's *current* other dimensions; tracking current
-    shapes makes the running count equal what physical removal leaves (tested against it).
-    """
-
-    def __init__(self, model: nn.Module, graph: UnitGraph):
-        self.shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-        self.total = sum(p.numel() for p in model.parameters())
-        self.removed = 0
-        self._layers = {layer.name: layer for layer in graph.layers}
-
-    def remove(self, unit: Unit) -> int:
-        """Account for removing `unit`; returns the parameters it freed."""
-        freed = 0
-        for pname, dim, counts in self._layers[unit.layer].frees:
-            n = counts[unit.channel]
-            if n == 0:
-                continue
-            shape = self.shapes[pname]
-            rest = 1
-            for i, s in enumerate(shape):
-                if i != dim:
-                    rest *= s
-            freed += rest * n
-            shape[dim] -= n
-        self.removed += freed
-        return freed
-
-
-class Remover:
-    """Physical removal with torch-pruning on one model, traced once for several removals.
-
-    Each `remove` call deletes channels of layers not touched by an earlier call, numbered
-    as on the unpruned model (channels of different layers never renumber each other).
-    `prune_units` is one call; `cswap.verify` removes layer after layer on one copy.
-    """
-
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor):
-        self.model = model
-        was_training = model.training
-        model.eval()
-        try:
-            self.graph = build_dependency_graph(model, example_inputs)
-        finally:
-            model.train(was_training)
-
-    def remove(self, units: Iterable[Unit]) -> nn.Module:
-        by_layer: dict[str, list[int]] = defaultdict(list)
-        for u in units:
-            by_layer[u.layer].append(u.channel)
-        for name, channels in by_layer.items():
-            module = self.model.get_submodule(name)
-            pruner = self.graph.get_pruner_of_module(module)
-            try:
-                group = self.graph.get_pruning_group(module, pruner.prune_out_channels, sorted(set(channels)))
-                group.prune()
-            except Exception as exc:  # torch-pruning raises assorted errors on layers it cannot cut
-                raise ModelError(
-                    f"torch-pruning could not remove channels of layer {name!r}: {type(exc).__name__}: {one_line(exc)}. "
-                    "Hint: leave that layer out (adapter option ignored_layers)."
-                ) from exc
-        return self.model
-
-
-def prune_units(model: nn.Module, example_inputs: torch.Tensor, units: Iterable[Unit]) -> nn.Module:
-    """Physically remove `units` from `model` in place with torch-pruning.
-
-    The result depends only on the set of units: each layer is pruned once with all of its
-    channels in their original numbering, so the order of `units` does not matter.
-    """
-    units = list(units)
-    if not units:
-        return model
-    return Remover(model, example_inputs).remove(units)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -1,5 +1,7 @@
 """Opt-in fast modes of Algorithm 1: fewer unit-forward passes, a plan that may differ.
 
+Their options are `cswap.options.FastOptions` (`pruning.fast`).
+
 The exact algorithm tests every unit alone on the whole sample set S. Three shortcuts, each
 off by default and each measured against the exact plan in `benchmarks/fast_modes.py`:
 
@@ -28,49 +30,31 @@ off by default and each measured against the exact plan in `benchmarks/fast_mode
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Literal
+from collections import deque
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 from torch import nn
 
-from .causal import CRITICAL, DETRIMENTAL, NEUTRAL, effect
-from .errors import ConfigError
-from .interfaces import Decision, Manifold, ScoringFunction, SignificanceTest
-from .units import Unit, UnitGraph
+from ..errors import ConfigError
+from ..interfaces import (
+    CRITICAL,
+    DETRIMENTAL,
+    NEUTRAL,
+    Decision,
+    Manifold,
+    ScoringFunction,
+    SignificanceTest,
+    Unit,
+    UnitGraph,
+)
+from ..options import FastOptions
 
 # Above this share of units a block must not hold, testing a pool costs more tests than it saves
 # (Dorfman 1943: pooling pays only while q < 1 - 3^(-1/3) ~ 0.31).
 POOLING_LIMIT = 0.3
-
-
-class FastOptions(BaseModel):
-    """`pruning.fast` in a run config; all off is the paper's exact algorithm."""
-
-    model_config = ConfigDict(extra="forbid")
-    group_testing: bool = Field(False, description="test blocks of units jointly, split blocks that are not neutral")
-    group_size: int = Field(8, ge=2, description="first block size; later ones adapt to the neutral rate")
-    group_accept: Literal["neutral", "non_critical"] = Field(
-        "neutral", description="joint verdict that removes a block whole: neutral (the issue's rule), or "
-        "non_critical (neutral or detrimental, as Algorithm 1 treats a single unit; an experiment: it lost "
-        "23 SAUCE points on ResNet-20 in docs/results/performance.md)")
-    max_group_size: int = Field(64, ge=2)
-    sequential: bool = Field(False, description="stop a trial early once the unit is clearly critical")
-    looks: int = Field(4, ge=2, le=64, description="parts of S after which the test is applied")
-    interim_alpha: float = Field(0.001, gt=0, lt=1, description="significance level of the early looks")
-    taylor_order: bool = Field(False, description="visit units by first-order |xi| estimate, smallest first")
-
-    def accepts(self, category: str) -> bool:
-        """Whether a block with this joint verdict is removed whole."""
-        return category == NEUTRAL or (self.group_accept == "non_critical" and category == DETRIMENTAL)
-
-    @property
-    def enabled(self) -> bool:
-        return self.group_testing or self.sequential or self.taylor_order
 
 
 class GroupSizer:
@@ -108,16 +92,6 @@ class GroupSizer:
         return int(min(self.maximum, max(2, round(1 + 1 / math.sqrt(q)))))
 
 
-def interim_test(test: SignificanceTest, alpha: float) -> SignificanceTest:
-    """A copy of `test` at significance level `alpha` (the test must have an `alpha` option)."""
-    options = getattr(test, "options", None)
-    if options is None or not hasattr(options, "alpha"):
-        raise ConfigError(f"sequential testing needs a test with an alpha option; {type(test).__name__} has none")
-    interim = copy.copy(test)
-    interim.options = options.model_copy(update={"alpha": alpha})
-    return interim
-
-
 def clearly_critical(test: SignificanceTest, interim: SignificanceTest, sigma: np.ndarray, sigma_star: np.ndarray,
                      groups: np.ndarray, alpha: float) -> Decision:
     """The interim decision on the first samples of S, as `critical` only when it is clear.
@@ -130,10 +104,9 @@ def clearly_critical(test: SignificanceTest, interim: SignificanceTest, sigma: n
     per-observation effects at `alpha`).
     """
     d = interim.decide(sigma, sigma_star[None, :], groups)[0]
-    options = getattr(test, "options", None)
-    if d.category != CRITICAL or getattr(options, "verdict", "global_sign") != "global_sign":
+    if d.category != CRITICAL or not test.verdict_by_sign:
         return d
-    e = effect(sigma, sigma_star, getattr(options, "effect", "relative"))
+    e = test.effect(sigma, sigma_star)
     if len(e) > 1 and np.std(e) > 0 and stats.ttest_1samp(e, 0.0, alternative="less").pvalue < alpha:
         return d
     return Decision(NEUTRAL if not d.significant else DETRIMENTAL, d.xi, d.p_values, d.significant)  # not clear yet
@@ -169,13 +142,17 @@ def stratified(manifold: Manifold, looks: int) -> tuple[Manifold, list[int]]:
 
 
 def taylor_estimates(model: nn.Module, graph: UnitGraph, layer: str, manifold: Manifold,
-                     scorer: ScoringFunction, effect: str, device) -> dict[Unit, float]:
+                     scorer: ScoringFunction, relative: bool, device) -> dict[Unit, float]:
     """First-order estimate of each unit's xi in `layer` on the current network.
 
-    The objective is mean log sigma for the relative and log-ratio effects (d sigma / sigma
-    = d log sigma) and mean sigma for the absolute one. A cut zeroes the weight slices W_c
-    that read unit c, so its change is about -sum(grad(W_c) * W_c).
+    The objective is mean log sigma when the test's effect is relative (d sigma / sigma
+    = d log sigma; `SignificanceTest.relative_effect`) and mean sigma when it is absolute. A
+    cut zeroes the weight slices W_c that read unit c, so its change is about
+    -sum(grad(W_c) * W_c).
     """
+    if not scorer.is_differentiable:
+        raise ConfigError(f"Taylor ordering (pruning.fast.taylor_order) needs a differentiable scoring function; "
+                          f"{type(scorer).__name__} declares none")
     params = dict(model.named_parameters())
     reads = graph.layer(layer).reads
     names = list(dict.fromkeys(p for p, _, _ in reads))  # a parameter may be read in several slices
@@ -184,7 +161,7 @@ def taylor_estimates(model: nn.Module, graph: UnitGraph, layer: str, manifold: M
     with torch.enable_grad():
         for x, y in manifold:
             sigma = scorer.differentiable(model(x.to(device)), y.to(device) if torch.is_tensor(y) else y)
-            objective = (torch.log(sigma.clamp_min(1e-12)) if effect in ("relative", "log_ratio") else sigma).sum() / n
+            objective = (torch.log(sigma.clamp_min(1e-12)) if relative else sigma).sum() / n
             for p, g in zip(names, torch.autograd.grad(objective, [params[p] for p in names], allow_unused=True)):
                 if g is not None:
                     grads[p] += g
@@ -194,3 +171,51 @@ def taylor_estimates(model: nn.Module, graph: UnitGraph, layer: str, manifold: M
         for c, idx in enumerate(per_channel):
             estimate[c] -= float(contribution[idx].sum())
     return {Unit(layer, c): float(v) for c, v in enumerate(estimate)}
+
+
+def group_testing(walk, layers, fast: FastOptions) -> None:
+    """Algorithm 1 with blocks (`fast.group_testing`): a block of units of a layer is cut
+    jointly and removed whole when the joint verdict allows (`fast.accepts`); any other
+    block is split in halves, first half first, down to single units, which get the exact
+    test. The block size follows the rate of units a block must not hold (`GroupSizer`)."""
+    sizer = GroupSizer(fast.group_size, fast.max_group_size)
+    for layer in layers:
+        todo: deque[Unit] = deque(walk.order(layer))
+        pending: deque[list[Unit]] = deque()  # halves of blocks that were not jointly accepted
+        sizer.new_layer()
+        while todo or pending:
+            remaining = walk.remaining[layer.name]
+            if remaining == 1:  # a layer cannot lose its last channel
+                walk.leave_untested([u for block in pending for u in block] + list(todo))
+                break
+            size = min(sizer.size(), remaining - 1)  # never the rest of the layer
+            block = pending.popleft() if pending else [todo.popleft() for _ in range(min(size, len(todo)))]
+            if len(block) > size:  # a half of a split block, larger than the rate now allows
+                pending.appendleft(block[size:])
+                block = block[:size]
+            if len(block) > 1:
+                if not _remove_block(walk, block, fast, sizer):
+                    sizer.record(1, 1)  # at least one unit in there that would not be removed alone
+                    half = len(block) // 2
+                    pending.extendleft([block[half:], block[:half]])
+                continue
+            star, step = walk.test(block[0])
+            sizer.record(1, int(not fast.accepts(step.category)))
+            if step.category == CRITICAL:
+                walk.keep(step)
+            else:
+                walk.remove([step], star)
+        walk.finish(layer)
+
+
+def _remove_block(walk, block: list[Unit], fast: FastOptions, sizer: GroupSizer) -> bool:
+    """Cut `block` jointly; remove it whole (every unit gets the block's verdict) if the joint
+    verdict is accepted over all of S. Returns whether it was removed."""
+    star, decision = walk.trials.trial(block, lambda d: not fast.accepts(d.category))
+    if len(star.values) < len(walk.trials.base.values) or not fast.accepts(decision.category):
+        return False
+    steps = [walk.record.add(unit, decision, block=len(block)) for unit in block]
+    for step in steps:
+        sizer.record(1, int(not fast.accepts(step.category)))
+    walk.remove(steps, star)
+    return True

@@ -15,7 +15,7 @@ no compiled op. `install()` then registers a small stand-in `mmcv.ops` module wi
   expect, so models that need a compiled op fail clearly when built, not silently.
 
 When full mmcv (with `mmcv._ext`) is installed, `install()` does nothing.
-Call it before the first `import mmseg`; `tasks.segmentation` does.
+Call it before the first `import mmseg`; `cswap.tasks.segmentation` does.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def install() -> bool:
         raise ModuleNotFoundError("mmcv is not installed; install the segmentation extra: pip install 'cswap[seg]'")
     import mmcv
 
-    stub = types.ModuleType(_STUB_NAME, "C-SWAP stand-in for mmcv.ops on mmcv-lite (see tasks/mmcv_bridge.py)")
+    stub = types.ModuleType(_STUB_NAME, "C-SWAP stand-in for mmcv.ops on mmcv-lite (see models/mmcv_bridge.py)")
     stub.__cswap_bridge__ = True
     stub.point_sample = point_sample
 

@@ -1,0 +1,73 @@
+"""Every decision as it is made: the state a resumed run replays, and the plan's two parts.
+
+The state is the list of decisions so far (unit, category, xi, p-values), handed to the
+caller's `checkpoint` at most every `seconds` and after each layer, so an interrupted run
+loses at most those seconds. A resumed run visits the same units in the same order (the
+order comes from the seed), so its first decisions are replayed from the state instead of
+tested, and the plan is the one an uninterrupted run would give.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+from ..interfaces import CRITICAL_RANKED, PROGRESSIVE, Decision, PlanStep, Ranking, Unit
+
+CATEGORIES = ("neutral", "detrimental", "critical", "untested")
+
+
+class Record:
+    def __init__(self, recorded: list[dict], checkpoint: Callable[[dict], None] | None = None, seconds: float = 2.0):
+        self.recorded = recorded
+        self.decisions: list[dict] = []
+        self.removed: list[PlanStep] = []
+        self.critical: list[PlanStep] = []
+        self.protected: dict[str, str] = {}
+        self.categories: Counter = Counter()
+        self._checkpoint, self._seconds, self._last = checkpoint, seconds, time.perf_counter()
+
+    def replayed(self, unit: Unit) -> PlanStep | None:
+        """The recorded verdict of `unit` when resuming, else None."""
+        if len(self.decisions) >= len(self.recorded):
+            return None
+        r = self.recorded[len(self.decisions)]
+        if r["category"] == "untested" or r["unit"] != str(unit):
+            raise RuntimeError(f"resume state does not match this analysis at {unit} ({r['unit']})")
+        return PlanStep(unit, PROGRESSIVE, r["category"], r["xi"], p_values={int(k): v for k, v in r["p_values"].items()})
+
+    def add(self, unit: Unit, verdict: Decision | PlanStep, **extra) -> PlanStep:
+        """Record a verdict (a test's decision, or a replayed step); `extra` goes into the state."""
+        step = verdict if isinstance(verdict, PlanStep) else PlanStep(
+            unit, PROGRESSIVE, verdict.category, verdict.xi, p_values=verdict.p_values)
+        self.categories[step.category] += 1
+        self.decisions.append({"unit": str(unit), "category": step.category, "xi": step.xi,
+                               "p_values": {str(k): v for k, v in step.p_values.items()}, **extra})
+        return step
+
+    def keep(self, step: PlanStep) -> None:
+        step.phase = CRITICAL_RANKED
+        self.critical.append(step)
+
+    def remove(self, step: PlanStep) -> None:
+        self.removed.append(step)
+
+    def untested(self, units: Sequence[Unit]) -> None:
+        for unit in units:
+            self.protected[str(unit)] = "last unit of its layer (not tested)"
+            self.categories["untested"] += 1
+            self.decisions.append({"unit": str(unit), "category": "untested"})
+
+    def save(self, force: bool = False) -> None:
+        if self._checkpoint and (force or time.perf_counter() - self._last >= self._seconds):
+            self._checkpoint({"decisions": self.decisions})
+            self._last = time.perf_counter()
+
+    def counts(self) -> dict[str, int]:
+        return {k: self.categories.get(k, 0) for k in CATEGORIES}
+
+    def ranking(self, meta: dict) -> Ranking:
+        """Removed units in the order they went, then the critical ones, least beneficial
+        (xi closest to zero) first (a stable sort: ties keep the order they were tested in)."""
+        tail = sorted(self.critical, key=lambda s: -s.xi)
+        return Ranking("cswap", self.removed + tail, meta, dict(self.protected))

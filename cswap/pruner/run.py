@@ -1,0 +1,84 @@
+"""`progressive_prune`: Algorithm 1 on a copy of the model, from the analysis to a ranking.
+
+It sets up the parts the loop needs (`Trials`, `Record`, `Walk`), runs the exact loop or the
+opt-in group-testing one, and assembles the ranking the plan is made from. When the device
+runs out of memory it starts again with half the batch size, replaying the decisions made so
+far instead of recomputing them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+
+from ..errors import ResourceError
+from ..interfaces import Analysis, Manifold, Ranking
+from .algorithm import algorithm1
+from .fast import group_testing
+from .record import Record
+from .trials import Trials
+from .walk import Walk
+
+log = logging.getLogger("cswap")
+
+
+def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | None = None, checkpoint=None,
+                      checkpoint_seconds: float = 2.0, resume: dict | None = None) -> Ranking:
+    """Run Algorithm 1 on a copy of `analysis.model` (which is not changed) and return its
+    ranking: the removed units in order, then the critical ones, least beneficial first.
+
+    S is `manifold`, or the task's for `seed`; the seed also orders the units of each layer.
+    `checkpoint(state)` receives every decision so far, at most every `checkpoint_seconds`
+    and after each layer; `resume=state` replays those decisions (removed units are cut
+    again, no test is re-run), recomputes sigma once, and continues, so a resumed run gives
+    the plan an uninterrupted run would. Fast modes (`options.fast`) do not resume.
+    """
+    recorded = list((resume or {}).get("decisions", []))
+    if recorded and analysis.options.fast.enabled:
+        log.warning("fast modes do not resume; the analysis starts again")
+        recorded = []
+    manifold = manifold if manifold is not None else analysis.task.manifold(seed)
+    while True:
+        record = Record(recorded, checkpoint, checkpoint_seconds)
+        try:
+            return _walk(analysis, seed, manifold, record)
+        except torch.OutOfMemoryError as exc:
+            recorded = list(record.decisions) if len(record.decisions) > len(recorded) else recorded
+            manifold = _halved(manifold, exc)
+
+
+def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> Ranking:
+    started = time.perf_counter()
+    trials = Trials(analysis, manifold)
+    walk = Walk(analysis, trials, record, seed)
+    fast = analysis.options.fast
+    try:
+        if fast.group_testing:
+            group_testing(walk, analysis.units.layers, fast)
+        else:
+            algorithm1(walk, analysis.units.layers)
+    finally:
+        walk.progress.close()
+    meta = {"seed": seed, "samples": int(len(trials.base.values)), "categories": record.counts()}
+    meta["units_tested"] = sum(meta["categories"][k] for k in ("neutral", "detrimental", "critical"))
+    if fast.enabled:  # unit-forward passes: trials, and trials counted by the share of S they ran
+        meta["fast"] = {**fast.model_dump(), "trials": trials.count,
+                        "trial_sample_passes": round(trials.batches / max(1, len(trials.engine.batches)), 3)}
+    engine, speculation = trials.engine, trials.speculation
+    log.info("analysis (%s engine): %d passes over S in %.1f s%s", type(engine).__name__, engine.passes,
+             time.perf_counter() - started, speculation.summary() if speculation and speculation.k > 1 else "")
+    return record.ranking(meta)
+
+
+def _halved(manifold: Manifold, exc: BaseException) -> Manifold:
+    size = max(len(t) for _, t in manifold)
+    if size <= 1:
+        raise ResourceError(f"out of memory even with one sample per batch: {exc}") from exc
+    msg = f"out of memory with batches of {size} samples; retrying with {(size + 1) // 2}"
+    log.warning(msg)
+    warnings.warn(msg)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return manifold.rebatched((size + 1) // 2)
