@@ -94,6 +94,11 @@ class FullForward:
         with self.intervention.trial(_as_list(units)):
             return self._forward(stop, marks)
 
+    def reference(self, layer: str) -> Scores:
+        """sigma of the network as it stands (nothing cut) along the path a trial of `layer`
+        takes: what a reduced-precision trial is compared with (cswap/precision.py)."""
+        return self._forward()
+
     @torch.no_grad()
     def _forward(self, stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:
         """The current network over the batches of S, possibly ending at a mark (see `trial`)."""
@@ -225,6 +230,12 @@ class Staged(FullForward):
     def baseline(self) -> Scores:
         self.passes += 1
         outputs, self.inputs, self.outputs = self._run(0)
+        return self._scores(outputs, self.targets)
+
+    def reference(self, layer: str) -> Scores:
+        self.passes += 1
+        start, replace = self._start_and_cached(layer)
+        outputs, _, _ = self._run(start, replace)
         return self._scores(outputs, self.targets)
 
     def trial(self, units: Unit | Sequence[Unit], stop: Stop | None = None, marks: Sequence[int] = ()) -> Scores:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ENGINES = ("auto", "staged", "delta", "full")
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class _Options(BaseModel):
@@ -57,6 +58,11 @@ class PruningOptions(_Options):
     unit_batch: int | Literal["auto"] = Field(
         1, description="units evaluated per pass on a batch that many times larger, speculatively (the same "
         "plan); auto: from free GPU memory on CUDA, 1 on CPU (no gain there)")
+    precision: Literal[PRECISIONS] = Field(
+        "fp32", description="arithmetic of the trials only (cswap/precision.py): fp32 (exact, the default); tf32 "
+        "(TF32 matmuls and convolutions, CUDA only); bf16 (autocast). The baseline sigma, the cache of the network "
+        "and every reported number stay fp32; each trial is compared with the uncut network run the same way. "
+        "Opt-in and approximate: the plan may differ (measured in docs/results/performance.md)")
     fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/pruner/fast.py); the plan may differ")
     verify_units: bool = Field(True, description="check every layer's cut against its physical removal before the "
                                "analysis and leave out layers where they differ (cswap/verify.py)")
@@ -69,4 +75,11 @@ class PruningOptions(_Options):
             raise ValueError("unit_batch must be at least 1 or 'auto'")
         if self.fast.enabled and self.unit_batch not in (1, "auto"):
             raise ValueError("unit_batch batches exact single-unit trials; it cannot be combined with fast")
+        return self
+
+    @model_validator(mode="after")
+    def _one_target_and_exact_fast_modes(self):
+        if self.precision != "fp32" and self.fast.enabled:
+            raise ValueError("reduced precision (precision) applies to exact single-unit trials; it cannot be "
+                             "combined with fast")
         return self

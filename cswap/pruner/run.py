@@ -63,6 +63,8 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
         walk.progress.close()
     meta = {"seed": seed, "samples": int(len(trials.base.values)), "categories": record.counts()}
     meta["units_tested"] = sum(meta["categories"][k] for k in ("neutral", "detrimental", "critical"))
+    if analysis.options.precision != "fp32":  # reduced-precision trials (cswap/precision.py); fp32 adds nothing
+        meta["precision"] = analysis.options.precision
     if fast.enabled:  # unit-forward passes: trials, and trials counted by the share of S they ran
         meta["fast"] = {**fast.model_dump(), "trials": trials.count,
                         "trial_sample_passes": round(trials.batches / max(1, len(trials.engine.batches)), 3)}

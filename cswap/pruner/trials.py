@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from ..engine import make_engine
 from ..errors import ConfigError
 from ..interfaces import CRITICAL, Analysis, Decision, Layer, Manifold, Scores, Unit
+from ..precision import with_precision
 from .fast import clearly_critical, stratified, taylor_estimates
 from .speculation import Speculation
 
@@ -32,6 +33,7 @@ class Trials:
         self.manifold = manifold
         self.engine = make_engine(analysis.options.engine, self.work, analysis.scorer, manifold, analysis.units,
                                   analysis.adapter.stages(self.work), analysis.device)
+        self.engine = with_precision(self.engine, analysis.options.precision, analysis.device)  # fp32: the engine itself
         if self.fast.sequential and self.engine.world > 1:
             raise ConfigError("sequential testing runs in one process; drop torchrun or pruning.fast.sequential")
         self.base = self.engine.baseline()
@@ -75,8 +77,8 @@ class Trials:
 
     def remove(self, units: list[Unit], star: Scores) -> None:
         """The last trial's units stay cut; its sigma* is the new network's sigma."""
-        self.engine.commit(units)
-        self.base = star
+        exact = self.engine.commit(units)  # reduced precision: the fp32 sigma of the new network
+        self.base = star if exact is None else exact
         self.network_changed()
 
     def replay_removal(self, unit: Unit) -> None:
