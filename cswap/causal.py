@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .interfaces import CRITICAL, DETRIMENTAL, NEUTRAL, Decision, SignificanceTest
 
 # Smallest sigma used as a denominator: a true-class probability of exactly 0 (underflow)
@@ -20,22 +20,29 @@ from .interfaces import CRITICAL, DETRIMENTAL, NEUTRAL, Decision, SignificanceTe
 SIGMA_FLOOR = 1e-12
 
 
-def effect(sigma: np.ndarray, sigma_star: np.ndarray, kind: str = "relative") -> np.ndarray:
+def effect(sigma: np.ndarray, sigma_star: np.ndarray, kind: str = "relative",
+           higher_is_better: bool = True) -> np.ndarray:
     """Per-observation effect of an intervention; its mean over S is xi (Definition 1).
 
     `relative` is the paper's (sigma* - sigma) / sigma. It is bounded below by -1 and
     unbounded above, so gains on poorly scored samples can outweigh losses on good ones;
     `absolute` (sigma* - sigma) and `log_ratio` log(sigma*/sigma) are symmetric alternatives.
+    For a lower-is-better sigma (a loss, an energy) every effect changes sign, so a positive
+    effect still means the cut helped: (sigma - sigma*) / sigma, sigma - sigma*,
+    log(sigma/sigma*). `relative` and `log_ratio` need sigma > 0 (`PairedTTest` refuses
+    other scores; a float underflow to 0 is floored at SIGMA_FLOOR).
     """
     sigma = np.asarray(sigma, dtype=np.float64)
     sigma_star = np.asarray(sigma_star, dtype=np.float64)
     if kind == "relative":
-        return (sigma_star - sigma) / np.maximum(sigma, SIGMA_FLOOR)
-    if kind == "absolute":
-        return sigma_star - sigma
-    if kind == "log_ratio":
-        return np.log(np.maximum(sigma_star, SIGMA_FLOOR)) - np.log(np.maximum(sigma, SIGMA_FLOOR))
-    raise ValueError(f"unknown effect {kind!r}")
+        change = (sigma_star - sigma) / np.maximum(sigma, SIGMA_FLOOR)
+    elif kind == "absolute":
+        change = sigma_star - sigma
+    elif kind == "log_ratio":
+        change = np.log(np.maximum(sigma_star, SIGMA_FLOOR)) - np.log(np.maximum(sigma, SIGMA_FLOOR))
+    else:
+        raise ValueError(f"unknown effect {kind!r}")
+    return change if higher_is_better else -change
 
 
 def paired_p_values(sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
@@ -75,7 +82,16 @@ class PairedTTest(SignificanceTest):
     One addition: differences within `tolerance` are treated as exactly zero. Two networks
     that are mathematically equal (a cut unit vs the same unit removed physically) differ by
     float32 round-off, and a t-test on pure round-off would call it significant 5% of the time.
+
+    The scorer's declarations are honoured (`for_scorer`, called by every `Analysis`): for a
+    lower-is-better sigma the effect and "hurt" change sign (the p-values are symmetric), and
+    the effects that divide by sigma (`relative`, `log_ratio`) are refused for a scorer that
+    declares values <= 0 possible, and for any baseline sigma that is not positive.
     """
+
+    #: set by `for_scorer`: the scorer's direction, and how messages name it
+    higher_is_better: bool = True
+    scorer: str = "the scoring function"
 
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -91,10 +107,27 @@ class PairedTTest(SignificanceTest):
         return self.options.alpha
 
     def with_alpha(self, alpha: float) -> "PairedTTest":
-        return PairedTTest(self.options.model_copy(update={"alpha": alpha}))
+        return self._copy(self.options.model_copy(update={"alpha": alpha}))
+
+    def for_scorer(self, scorer) -> "PairedTTest":
+        from .contract import scorer_label
+
+        label = scorer_label(scorer)
+        if self.relative_effect and scorer.positive is False:
+            raise ConfigError(
+                f"{label} declares that its values can be <= 0 (positive = False), and the {self.options.effect} "
+                "effect of the test divides by sigma (Definition 1); set test.options.effect: absolute")
+        test = self._copy(self.options)
+        test.higher_is_better, test.scorer = bool(scorer.higher_is_better), label
+        return test
+
+    def _copy(self, options) -> "PairedTTest":
+        test = PairedTTest(options)
+        test.higher_is_better, test.scorer = self.higher_is_better, self.scorer
+        return test
 
     def effect(self, sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
-        return effect(sigma, sigma_star, self.options.effect)
+        return effect(sigma, sigma_star, self.options.effect, self.higher_is_better)
 
     @property
     def relative_effect(self) -> bool:
@@ -111,16 +144,18 @@ class PairedTTest(SignificanceTest):
         groups = np.asarray(groups)
         if not np.isfinite(sigma).all() or not np.isfinite(sigma_star).all():
             raise NumericalError("scores contain NaN or infinity; check the model and the scoring function")
+        self._check_positive(sigma)
+        sign = 1.0 if self.higher_is_better else -1.0
         # round-off is not an effect
         sigma_star = np.where(np.abs(sigma_star - sigma) <= o.tolerance, sigma, sigma_star)
-        xi = effect(sigma, sigma_star, o.effect).mean(axis=-1)
+        xi = self.effect(sigma, sigma_star).mean(axis=-1)
         labels = np.unique(groups) if o.voting == "per_class" else np.array([-1])
         p = np.empty((sigma_star.shape[0], len(labels)))
         hurt = np.empty_like(p, dtype=bool)
         for j, k in enumerate(labels):
             mask = groups == k if o.voting == "per_class" else slice(None)
             p[:, j] = paired_p_values(sigma[mask], sigma_star[:, mask])
-            hurt[:, j] = (sigma_star[:, mask] - sigma[mask]).mean(axis=-1) < 0
+            hurt[:, j] = sign * (sigma_star[:, mask] - sigma[mask]).mean(axis=-1) < 0
         significant = self._reject(p)
         decisions = []
         for u in range(sigma_star.shape[0]):
@@ -139,6 +174,16 @@ class PairedTTest(SignificanceTest):
                 significant=[int(k) for j, k in enumerate(labels) if sig[j]],
             ))
         return decisions
+
+    def _check_positive(self, sigma: np.ndarray) -> None:
+        """The relative effects divide by the baseline sigma: refuse it unless it is > 0."""
+        if not self.relative_effect or (sigma > 0).all():
+            return
+        bad = int((sigma <= 0).sum())
+        raise ConfigError(
+            f"{self.scorer} gave {bad} of {len(sigma)} baseline observations <= 0 (min {sigma.min():.4g}), and the "
+            f"{self.options.effect} effect of the test divides by sigma (Definition 1); set test.options.effect: "
+            "absolute (and declare positive = False on the scorer)")
 
     def _reject(self, p: np.ndarray) -> np.ndarray:
         o = self.options

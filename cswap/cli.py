@@ -12,14 +12,16 @@ from .errors import CSwapError, RunInterrupted
 
 
 def _cmd_list(args) -> int:
-    rows = registry.describe()
+    """Every plugin, each loaded once so that a broken one is marked with the reason."""
+    rows = registry.describe(check=True)
     for kind in registry.GROUPS:
         print(f"{kind} ({registry.GROUPS[kind]}):")
         mine = [r for r in rows if r.kind == kind]
         if not mine:
             print("  (none)")
         for r in mine:
-            print(f"  {r.name:<22} {r.value:<52} [{r.distribution}]")
+            broken = f"  {r.status}" if r.status != "ok" else ""
+            print(f"  {r.name:<22} {r.value:<52} [{r.distribution}]{broken}")
     return 0
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .contract import check_scores
 from .distributed import rank_and_world
 from .errors import NumericalError
 from .hooks import trace_calls
@@ -63,7 +64,7 @@ class FullForward:
     def _scores(self, outputs: list, targets: list) -> Scores:
         parts = []
         for bid, out, y in zip(self.batch_ids, outputs, targets):
-            s = self.scorer.score(out, y)
+            s = check_scores(self.scorer, self.scorer.score(out, y))  # the scoring contract
             parts.append((bid, np.asarray(s.values, dtype=np.float64), np.asarray(s.groups)))
         if self.world > 1:
             gathered: list = [None] * self.world

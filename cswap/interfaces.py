@@ -187,6 +187,9 @@ class Configurable:
     """
 
     Options: ClassVar[type | None] = None
+    #: modules the plugin imports only when it runs (an optional extra, e.g. ("captum",)): the
+    #: registry checks they are importable before building it and names the extra to install
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options=None):
         if options is None and self.Options is not None:
@@ -199,15 +202,40 @@ class ScoringFunction(Configurable, ABC):
 
     Exists so the causal criterion is task-agnostic: classification uses the true-class
     probability, segmentation an IoU, detection a per-image match score.
+
+    The contract (docs/design.md, section 5), which the core checks on every batch of S
+    (`cswap.contract.check_scores`) and honours in the test (`SignificanceTest.for_scorer`):
+
+    - built as `cls(options)`, `options` an instance of the class's `Options` (or no argument
+      when it declares none); nothing else reaches the constructor;
+    - `score(outputs, targets)` gets what the model returns for one batch of S, unchanged
+      (a tensor such as logits (N, C) or (N, C, H, W), or the model's tuple), computed under
+      `torch.no_grad` on the analysis device, and the batch's targets as the task made them
+      (on that device when they are tensors);
+    - it returns `Scores` of numpy arrays on the host: `values` 1-D floating point (float64
+      preferred), `groups` 1-D integer, of one length; torch tensors are refused (a device
+      tensor cannot become numpy silently, and a tensor kept on the device would hold its
+      memory). The layout (which observation is which) may depend on the targets only;
+    - `higher_is_better` and `positive` are promises the core acts on: a lower-is-better
+      score reverses the effect's sign (xi > 0 still means the cut helped), and an effect
+      that divides by sigma (the paper's relative effect) is refused for a scorer that does
+      not promise sigma > 0, or whose baseline sigma is not.
     """
 
+    #: whether a larger sigma is a better network (a probability, an IoU); False for a loss or
+    #: an energy: the significance test then reverses the sign of every effect
     higher_is_better: bool = True
+    #: whether every value is > 0: True (promised), False (values can be <= 0, e.g. a margin or
+    #: a log-probability: effects that divide by sigma are refused at once), None (not
+    #: declared: the baseline sigma is checked before any such effect is computed)
+    positive: bool | None = None
     #: whether `differentiable` is implemented (the fast mode's Taylor screening needs it)
     is_differentiable: bool = False
 
     @abstractmethod
     def score(self, outputs, targets) -> Scores:
-        """Observations for one batch of model outputs and their targets."""
+        """Observations for one batch of model outputs and their targets (see the class
+        docstring for the types)."""
 
     def differentiable(self, outputs, targets) -> torch.Tensor:
         """sigma of every sample as a tensor that gradients flow through, one value per
@@ -246,6 +274,17 @@ class SignificanceTest(Configurable, ABC):
         """Whether a significant unit's category is the sign of xi over all of S (Definition 2);
         an early stop on part of S then also needs xi itself clearly below zero."""
         return True
+
+    def for_scorer(self, scorer: "ScoringFunction") -> "SignificanceTest":
+        """This test as it applies to `scorer`'s observations: effects and verdicts follow the
+        scorer's `higher_is_better`, and an effect that divides by sigma is refused unless
+        sigma is positive. `Analysis` calls it once, so every decision of an analysis uses
+        it; a copy made by `with_alpha` keeps it. The default takes higher-is-better scores
+        only."""
+        if not scorer.higher_is_better:
+            raise NotImplementedError(f"{type(self).__name__} does not handle a lower-is-better scoring function "
+                                      f"({type(scorer).__name__})")
+        return self
 
     @abstractmethod
     def decide(self, sigma: np.ndarray, sigma_star: np.ndarray, groups: np.ndarray) -> list[Decision]:
@@ -322,6 +361,12 @@ class Task(Configurable, ABC):
         """The task's own M_k (what `manifold` draws when it is not given one), if it has one."""
         return None
 
+    def bind_model(self, model: nn.Module) -> None:
+        """Called by the core with the model the task will serve, after the model is built and
+        before S is drawn (default: nothing). A task whose inputs depend on the model reads
+        it here: the segmentation task takes the mmseg model's input normalisation, so the
+        mmseg config is named once (`model.kwargs.config`)."""
+
     @abstractmethod
     def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
         """S: `samples_per_class` (default: the task's own M_k) samples per class, drawn with
@@ -363,6 +408,9 @@ class Analysis:
     def __post_init__(self):
         if self.example_inputs is None:
             self.example_inputs = self.task.example_inputs()
+        # the scorer's declared direction and range reach every decision of the analysis
+        # (also of a copy made by dataclasses.replace with another test)
+        self.test = self.test.for_scorer(self.scorer)
 
 
 class Criterion(Configurable, ABC):

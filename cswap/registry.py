@@ -19,7 +19,7 @@ from functools import lru_cache
 from importlib.metadata import Distribution, EntryPoint, distributions
 from pathlib import Path
 
-from .errors import ConfigError, validation_summary
+from .errors import ConfigError, one_line, validation_summary
 
 GROUPS: dict[str, str] = {
     "tasks": "cswap.tasks",
@@ -35,12 +35,21 @@ class UnknownPluginError(ConfigError):
     """A config or call named a plugin that no installed distribution registers."""
 
 
+class PluginLoadError(ConfigError):
+    """A registered entry point cannot be imported (a typo in its target, a missing module)."""
+
+
+class MissingDependencyError(PluginLoadError):
+    """A plugin declares a module it needs (`requires`) that is not installed."""
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     kind: str
     name: str
     value: str
     distribution: str
+    status: str = ""  # with describe(check=True): "ok", or "BROKEN: <why>"
 
 
 def _group(kind: str) -> str:
@@ -119,26 +128,102 @@ def available(kind: str) -> dict[str, EntryPoint | _Clash]:
 
 
 def load(kind: str, name: str):
-    """The object registered as `name` in group `kind`; the error lists what is available."""
+    """The object registered as `name` in group `kind`; the error lists what is available.
+    An entry point that cannot be imported (a typo in its target, a missing dependency) is a
+    `PluginLoadError` naming the entry point, its distribution and, for a missing module one
+    of the distribution's extras provides, the `pip install` that adds it."""
     eps = available(kind)
     if name not in eps:
         names = ", ".join(eps) or "(none installed)"
-        raise UnknownPluginError(f"unknown {kind[:-1] if kind.endswith('s') else kind} {name!r}; available: {names}")
+        raise UnknownPluginError(f"unknown {_singular(kind)} {name!r}; available: {names}")
     ep = eps[name]
     if isinstance(ep, _Clash):
-        raise PluginClashError(f"{kind[:-1]} {name!r} is registered differently by two distributions: "
+        raise PluginClashError(f"{_singular(kind)} {name!r} is registered differently by two distributions: "
                                f"{'; '.join(ep.sources)}; uninstall one of them")
-    return ep.load()
+    try:
+        return ep.load()
+    except Exception as exc:  # ImportError, AttributeError (a typo in the target), a module that raises
+        raise PluginLoadError(f"{_singular(kind)} {name!r} = {ep.value} of {_where(ep.dist)} cannot be loaded: "
+                              f"{type(exc).__name__}: {one_line(exc)}{install_hint(exc, ep.dist)}") from exc
 
 
-def describe() -> list[PluginInfo]:
-    """Every registered plugin with the distribution that provides it (for `cswap list`)."""
+def _singular(kind: str) -> str:
+    return kind[:-1] if kind.endswith("s") else kind
+
+
+def registered_name(kind: str, cls: type) -> str | None:
+    """The name `cls` is registered under in group `kind`, if any (for messages)."""
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    return next((name for name, ep in available(kind).items() if getattr(ep, "value", None) == target), None)
+
+
+def install_hint(exc: BaseException, dist: Distribution | None = None) -> str:
+    """`; install it with: pip install "cswap[xai]"` when `exc` is a missing module that an
+    extra of `dist` (default: C-SWAP's own distribution) provides, else ""."""
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if not missing:
+        return ""
+    extra = _extra_providing(missing.split(".")[0], dist)
+    return f"; install it with: pip install \"{extra[0]}[{extra[1]}]\"" if extra else ""
+
+
+def _extra_providing(module: str, dist: Distribution | None) -> tuple[str, str] | None:
+    """(distribution, extra) whose requirements include the package that provides `module`
+    (by name: `captum` for captum, `mmsegmentation` for mmseg); a user-facing extra is
+    preferred to `dev`."""
+    if dist is None:
+        dist = next((d for d in distributions() if _is_builtin(d)), None)
+        if dist is None:
+            return None
+    import re
+
+    def norm(text: str) -> str:
+        return re.sub(r"[-_.]+", "", text.lower())
+
+    found = []
+    for req in dist.requires or []:
+        match = re.match(r"\s*([A-Za-z0-9_.-]+).*extra\s*==\s*[\"']([^\"']+)[\"']", req)
+        if match and norm(match.group(1)).startswith(norm(module)):
+            found.append(match.group(2))
+    if not found:
+        return None
+    extra = next((e for e in found if e != "dev"), found[0])
+    return dist.metadata["Name"], extra
+
+
+def check_requirements(kind: str, name: str, cls) -> None:
+    """Refuse, before building it, a plugin whose declared `requires` are not importable."""
+    import importlib.util
+
+    for module in getattr(cls, "requires", ()) or ():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            exc = ModuleNotFoundError(f"No module named {module!r}", name=module)
+            hint = install_hint(exc) or f"; install {module}"
+            raise MissingDependencyError(f"{_singular(kind)} {name!r} needs {module}, which is not installed{hint}")
+
+
+def describe(check: bool = False) -> list[PluginInfo]:
+    """Every registered plugin with the distribution that provides it (for `cswap list`);
+    with `check`, each is loaded and `status` says whether it can be used: "ok", or why not
+    (an entry point that does not load, a declared requirement that is missing)."""
     rows = []
     for kind in GROUPS:
         for name, ep in available(kind).items():
             dist = "two distributions" if isinstance(ep, _Clash) else (ep.dist.name if ep.dist is not None else "?")
-            rows.append(PluginInfo(kind, name, ep.value, dist))
+            rows.append(PluginInfo(kind, name, ep.value, dist, _status(kind, name) if check else ""))
     return rows
+
+
+def _status(kind: str, name: str) -> str:
+    try:
+        check_requirements(kind, name, load(kind, name))
+    except ConfigError as exc:
+        return "BROKEN: " + str(exc)
+    return "ok"
 
 
 def create(kind: str, name: str, options: dict | None = None):
@@ -149,6 +234,7 @@ def create(kind: str, name: str, options: dict | None = None):
     from pydantic import ValidationError
 
     cls = load(kind, name)
+    check_requirements(kind, name, cls)
     options = dict(options or {})
     schema = getattr(cls, "Options", None)  # plugins that do not derive from Configurable may lack it
     if schema is not None:

@@ -44,6 +44,11 @@ from cswap.interfaces import Scores, ScoringFunction
 class DetectionMatchScorer(ScoringFunction):
     higher_is_better = True
 
+    @property
+    def positive(self) -> bool:
+        """sigma is in [floor, 1]: positive when `floor` > 0 (the default)."""
+        return self.options.floor > 0
+
     class Options(BaseModel):
         model_config = ConfigDict(extra="forbid")
         floor: float = Field(1e-3, ge=0, lt=1, description="sigma of a missed class (keeps relative effects finite)")

@@ -45,6 +45,11 @@ class IoUScorer(ScoringFunction):
         ignore_index: int = 255
         smooth: float = Field(1.0, ge=0, description="pixels added to intersection and union")
 
+    @property
+    def positive(self) -> bool:
+        """IoU is in [0, 1]; `smooth` > 0 makes every value > 0 (the relative effect applies)."""
+        return self.options.smooth > 0
+
     def __init__(self, options: "IoUScorer.Options | None" = None):
         super().__init__(options)
         rows, cols = self.options.grid
