@@ -127,7 +127,7 @@ def resolve_adapter(ref: PluginRef | str, model: nn.Module) -> tuple[str, Archit
     for name in registry.available("adapters"):
         try:
             adapter = registry.create("adapters", name, ref.options if ref.options else None)
-        except ImportError as exc:  # e.g. a plugin whose optional dependency is not installed
+        except (ImportError, registry.PluginLoadError) as exc:  # e.g. an optional dependency is not installed
             log.warning("adapter %s skipped by auto: %s", name, exc)
             continue
         candidates.append((adapter.priority, name, adapter))
@@ -143,10 +143,33 @@ def units_of(adapter: ArchitectureAdapter, model: nn.Module, example_inputs: tor
     """The model's units: the adapter's own, or torch-pruning's dependency groups without
     the adapter's `ignored_layers`; with `verify`, every layer whose cut is not its physical
     removal is moved to `skipped` with the reason before anything runs."""
+    check_layout(model, example_inputs)
     graph = adapter.units(model, example_inputs)
     if graph is None:
         graph = discover(model, example_inputs, ignored_layers=adapter.ignored_layers(model))
     return verify_units(model, graph, adapter, example_inputs) if verify else graph
+
+
+def check_layout(model: nn.Module, example_inputs: torch.Tensor) -> None:
+    """Refuse channels-last images (N, H, W, C) for a model whose first convolution reads
+    channels on dim 1: tracing them fails far from the cause ("could not trace the model")."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    x = example_inputs
+    if first is None or not torch.is_tensor(x) or x.dim() != 4:
+        return
+    channels = first.in_channels
+    if x.shape[1] != channels and x.shape[-1] == channels <= 4:
+        raise ModelError(f"the inputs have shape {tuple(x.shape)}, channels last (N, H, W, C), but the model's first "
+                         f"convolution reads {channels} channels on dim 1: give images as (N, C, H, W), "
+                         "e.g. x.permute(0, 3, 1, 2)")
+
+
+def warn_random_weights(cfg: ModelConfig, note: str) -> None:
+    """A model without trained weights gives a meaningless analysis: say so on the console."""
+    if note.startswith("random initialisation"):
+        msg = (f"model {cfg.source}:{cfg.name} has random weights ({note}); the analysis of an untrained model "
+               "is meaningless: give its checkpoint in model.weights")
+        log.warning(msg)
 
 
 def analysis_from_config(cfg: RunConfig, *, progress: bool = False, random_if_missing: bool = False,
@@ -162,7 +185,9 @@ def analysis_from_config(cfg: RunConfig, *, progress: bool = False, random_if_mi
     scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
     model, note = build_model(cfg.model, random_if_missing=random_if_missing)
     log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
+    warn_random_weights(cfg.model, note)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
+    task.bind_model(model)
     x = task.example_inputs()
     graph = units_of(adapter, model, x, verify=cfg.pruning.verify_units)
     device = torch.device(cfg.device if on_device else "cpu")
@@ -189,6 +214,7 @@ def analysis_for(model: nn.Module, task: Task, *, scorer: ScoringFunction | str 
     else:
         adapter_name, adapter = resolve_adapter(adapter, model)
     model.eval()
+    task.bind_model(model)
     x = example_inputs if example_inputs is not None else task.example_inputs()
     x = x.to(next(model.parameters()).device)
     return Analysis(model, units_of(adapter, model, x, options.verify_units), task, scorer, test, adapter,

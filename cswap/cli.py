@@ -1,4 +1,5 @@
-"""Command line: `cswap list | prune | demo | curve | sweep` (also `python -m cswap ...`)."""
+"""Command line: `cswap list | prune | demo | curve | sweep | config | export | fixture`
+(also `python -m cswap ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def _cmd_prune(args) -> int:
     from .reports import run_summary
     from .run import describe, run_prune
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(_config_path(args.config), args.set)
     if args.dry_run:
         print(describe(cfg))
         return 0
@@ -54,6 +55,36 @@ def _cmd_demo(args) -> int:
     print(run_summary(json.loads((run_dir / "report.json").read_text())))
     print(ratio_table(run_dir))
     print(f"run directory: {run_dir}  (plan.json, pruned_model.pt, report.json, log.txt)")
+    return 0
+
+
+def _config_path(text) -> Path:
+    from .packaged import config_argument
+
+    return config_argument(text)
+
+
+def _cmd_config(args) -> int:
+    from .packaged import listing, portable_text
+
+    print(portable_text(args.name) if args.name else listing(), end="" if args.name else "\n")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    path, check = export_run(args.run_dir, args.format, args.out)
+    print(f"written: {path}" + (f"  ({check})" if check else ""))
+    return 0
+
+
+def _cmd_fixture(args) -> int:
+    from .tasks.cityscapes_fixture import make_fixture
+
+    config = make_fixture(args.out, train_steps=args.train_steps)
+    print(f"written: {args.out}/cityscapes (8 train, 4 val frames), {args.out}/ddrnet_tiny.pth, {config}\n"
+          f"try: cswap prune {config} --dry-run && cswap prune {config}")
     return 0
 
 
@@ -87,8 +118,10 @@ def _cmd_curve(args) -> int:
     from .curves import curve_from_config, parse_criteria, parse_ratios
     from .reports import sauce_markdown
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(_config_path(args.config), args.set)
     specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
+    for spec in specs:  # a missing optional extra (captum, zennit) fails now, not after the first criteria
+        registry.check_requirements("criteria", spec.name, registry.load("criteria", spec.name))
     out = args.out or cfg.output.dir / f"{cfg.name}-curve"
     result, files = curve_from_config(cfg, specs, args.seeds, parse_ratios(args.ratios), out, progress=not args.quiet)
     print(sauce_markdown(result, f"SAUCE: {cfg.name}"))
@@ -102,7 +135,7 @@ def _cmd_sweep(args) -> int:
     from .reports import write_sweep_outputs
     from .sweep import run_sweep, settings
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(_config_path(args.config), args.set)
     samples = _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class else [None]
     grid = settings(_split(args.alpha, float, "--alpha"), samples, _test_grid(args.test_option))
     out = args.out or cfg.output.dir / f"{cfg.name}-sweep"
@@ -113,15 +146,38 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+CONFIG_HELP = ("a YAML run config: a file (relative paths in it are read against its folder), or the name of a "
+               "packaged config (`cswap config` lists them), e.g. demo")
+PRUNE_EXAMPLES = """examples:
+  cswap prune demo --dry-run                       the packaged demo: what would run, |S| and the time it would take
+  cswap config demo > my.yaml && cswap prune my.yaml --set pruning.params_ratio=0.3
+  cswap prune my.yaml --resume runs/my-20250101-120000-ab12cd   continue an interrupted run
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        return f"cswap {version('cswap')}"
+    except PackageNotFoundError:
+        return f"cswap {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cswap", description="C-SWAP causal one-shot structured pruning")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("list", help="list registered plugins and the distributions providing them")
     s.set_defaults(func=_cmd_list)
 
-    s = sub.add_parser("prune", help="run C-SWAP as a YAML config says")
-    s.add_argument("config", type=Path)
+    s = sub.add_parser("prune", help="run C-SWAP as a YAML config says", epilog=PRUNE_EXAMPLES,
+                       description="Run C-SWAP (paper Algorithm 1) as a config says and write a run directory.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("config", help=CONFIG_HELP)
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
     s.add_argument("--dry-run", action="store_true", help="validate, build model and units, print what would run")
     s.add_argument("--out", type=Path, help="run directory (default: output.dir/<name>-<time>)")
@@ -140,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
 
     s = sub.add_parser("curve", help="pruning curves and SAUCE of several criteria on the held-out split")
-    s.add_argument("config", type=Path)
+    s.add_argument("config", help=CONFIG_HELP)
     s.add_argument("--criteria", default="cswap,magnitude,random",
                    help="comma-separated registered criteria; NAME/layer adds per-layer normalisation")
     s.add_argument("--criterion-options", metavar="JSON", help='options by criterion, e.g. \'{"amp": {"tau": 0.02}}\'')
@@ -152,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_curve)
 
     s = sub.add_parser("sweep", help="C-SWAP at several alpha / M_k / test options: categories, accuracy, SAUCE")
-    s.add_argument("config", type=Path)
+    s.add_argument("config", help=CONFIG_HELP)
     s.add_argument("--alpha", default="0.01,0.05,0.1,0.2")
     s.add_argument("--test-option", action="append", default=[], metavar="NAME=V1,V2",
                    help="also vary an option of the configured test, e.g. voting=per_class,pooled (repeatable)")
@@ -163,16 +219,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-sweep)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_sweep)
+    s = sub.add_parser("config", help="list the packaged configs, or print one to start from (cswap config demo > my.yaml)")
+    s.add_argument("name", nargs="?", help="a packaged config; its shipped files are named by absolute paths")
+    s.set_defaults(func=_cmd_config)
+
+    s = sub.add_parser("export", help="export a run's pruned model for deployment (ONNX or torch.export)")
+    s.add_argument("run_dir", type=Path, help="a complete run directory (or a folder written by cswap.save_pruned)")
+    s.add_argument("--format", choices=("onnx", "torch_export"), default="onnx")
+    s.add_argument("--out", type=Path, help="output file (default: RUN_DIR/pruned_model.onnx or .pt2)")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("fixture", help="write a tiny Cityscapes-layout folder, a DDRNet trained on it and its config")
+    s.add_argument("kind", choices=("cityscapes",))
+    s.add_argument("out", type=Path, help="folder to write (cityscapes/, ddrnet_tiny.pth, config.yaml)")
+    s.add_argument("--train-steps", type=int, default=40, help="Adam steps of the tiny DDRNet (0: random weights)")
+    s.set_defaults(func=_cmd_fixture)
     for sub_parser in sub.choices.values():
         sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is written: `main()` called in
+    one process several times (tests, notebooks) must not write to a stream replaced since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _console_logging(verbose: bool) -> None:
     """Warnings (or everything with --verbose) on stderr; the run's log file gets INFO."""
     logger = logging.getLogger("cswap")
     if not any(getattr(h, "_cswap_console", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         handler._cswap_console = True
         logger.addHandler(handler)
@@ -220,4 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional extra that is not installed: say which
+        hint = registry.install_hint(exc)
+        if args.debug or not hint:
+            raise
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 2

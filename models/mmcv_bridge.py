@@ -14,14 +14,17 @@ no compiled op. `install()` then registers a small stand-in `mmcv.ops` module wi
   what mmseg's optional imports (`try: from mmcv.ops import X except ModuleNotFoundError`)
   expect, so models that need a compiled op fail clearly when built, not silently.
 
-When full mmcv (with `mmcv._ext`) is installed, `install()` does nothing.
-Call it before the first `import mmseg`; `cswap.tasks.segmentation` does.
+When full mmcv (with `mmcv._ext`) is installed, `install()` does nothing (but silence two
+import-time warnings that are not the user's business, see `silence_import_warnings`).
+Call it before the first `import mmseg`: `import cswap.models.mmseg` does, so a user's own
+script needs that one line before `import mmseg.apis` (README, Segmentation).
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +63,23 @@ def _full_mmcv_present() -> bool:
         return False
 
 
+# Warnings mmcv-lite and mmseg print on import although nothing the user asked for is
+# affected: an op DDRNet never uses, and mmseg's own deprecated call of its own function.
+_NOT_THE_USERS_BUSINESS = (
+    r"Fail to import ``MultiScaleDeformableAttention``",
+    r"``build_loss`` would be deprecated soon",
+)
+
+
+def silence_import_warnings() -> None:
+    """Filter the warnings above (only those messages; every other warning still shows)."""
+    for message in _NOT_THE_USERS_BUSINESS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
 def install() -> bool:
     """Register the stand-in `mmcv.ops` if needed; True if it is (now) in place."""
+    silence_import_warnings()
     if _full_mmcv_present():
         return False
     existing = sys.modules.get(_STUB_NAME)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ from torch import nn
 from cswap.errors import ConfigError
 
 from . import mmcv_bridge
+
+if importlib.util.find_spec("mmcv") is not None:  # `import cswap.models.mmseg` makes `import mmseg.apis` work
+    mmcv_bridge.install()
 
 
 def resolve_config(config: str | Path) -> Path:
@@ -194,9 +198,16 @@ def _registered_types_only():
 
 
 class SegLogits(nn.Module):
-    """An mmseg `EncoderDecoder` as `images -> logits at input resolution` (eval only)."""
+    """An mmseg `EncoderDecoder` as `images -> logits at input resolution` (eval only).
 
-    def __init__(self, segmentor: nn.Module):
+    It is also an mmseg model again where mmseg needs one: `cfg`, `dataset_meta` and
+    `test_step` are the segmentor's, so `mmseg.apis.inference_model(model, image)` works on it,
+    pruned or not, and `segmentor()` gives the `EncoderDecoder` itself (the same, possibly
+    pruned, modules). The segmentor is kept outside the module tree (`_shell`), so parameter
+    names and checkpoints are those of the segmentor's backbone and heads, nothing more.
+    """
+
+    def __init__(self, segmentor: nn.Module, cfg=None):
         super().__init__()
         self.backbone = segmentor.backbone
         if getattr(segmentor, "with_neck", False):
@@ -207,6 +218,8 @@ class SegLogits(nn.Module):
         self.align_corners = bool(getattr(segmentor, "align_corners", False))
         self.num_classes = int(self.decode_head.out_channels)
         self.dataset_meta = getattr(segmentor, "dataset_meta", None)
+        self.cfg = cfg if cfg is not None else getattr(segmentor, "cfg", None)
+        object.__setattr__(self, "_shell", segmentor)  # not a submodule: no duplicate parameters
 
     def train(self, mode: bool = True) -> "SegLogits":
         if mode:
@@ -221,6 +234,26 @@ class SegLogits(nn.Module):
         if logits.shape[-2:] != images.shape[-2:]:
             logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return logits
+
+    def segmentor(self) -> nn.Module:
+        """The mmseg `EncoderDecoder` made of this model's current modules (pruned ones
+        included), in eval mode on their device, with `cfg` and `dataset_meta`."""
+        shell = self._shell
+        for name in ("backbone", "neck", "decode_head", "auxiliary_head"):
+            if name in self._modules:
+                setattr(shell, name, self._modules[name])
+        device = next(self.parameters()).device
+        shell.cfg, shell.dataset_meta = self.cfg, self.dataset_meta
+        return shell.to(device).eval()
+
+    def test_step(self, data):
+        """mmseg's `BaseModel.test_step` (what `mmseg.apis.inference_model` calls)."""
+        return self.segmentor().test_step(data)
+
+    def save_native(self, folder: Path) -> list[Path]:
+        """An mmseg-format checkpoint of this model and its mmseg config, in `folder`
+        (`cswap prune` calls it for the pruned model); `init_pruned_model` reads them back."""
+        return save_mmseg_checkpoint(self, Path(folder))
 
 
 def build_mmseg_model(config: str, cfg_options: dict | None = None) -> SegLogits:
@@ -239,4 +272,106 @@ def build_mmseg_model(config: str, cfg_options: dict | None = None) -> SegLogits
         raise ConfigError(f"model builder mmseg supports EncoderDecoder segmentors, not {cfg.model.get('type')!r}")
     with _registered_types_only():
         segmentor = revert_sync_batchnorm(init_model(cfg, checkpoint=None, device="cpu"))
-    return SegLogits(segmentor).eval()
+    return SegLogits(segmentor, cfg).eval()
+
+
+def input_normalisation(cfg) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(mean, std, bgr_to_rgb) of an mmseg config's `data_preprocessor`: what the segmentor
+    expects its input images to be normalised with."""
+    pre = cfg.get("data_preprocessor") or cfg.model.get("data_preprocessor") or {}
+    mean = torch.tensor(pre.get("mean", [123.675, 116.28, 103.53]), dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre.get("std", [58.395, 57.12, 57.375]), dtype=torch.float32).view(1, -1, 1, 1)
+    return mean, std, bool(pre.get("bgr_to_rgb", True))
+
+
+# ---- back to mmseg: an mmseg checkpoint of a pruned model, and reading it ---------------------
+
+CHECKPOINT, CONFIG = "mmseg_pruned.pth", "mmseg_config.py"
+
+
+def save_mmseg_checkpoint(model: SegLogits, folder: Path) -> list[Path]:
+    """`folder/mmseg_pruned.pth` ({"meta", "state_dict"}, as mmseg's own checkpoints, keys of
+    the segmentor) and `folder/mmseg_config.py` (the config the model was built from). The
+    pruned widths are the checkpoint's shapes: `init_pruned_model` builds the config's
+    segmentor and gives every layer the checkpoint's shape before loading it."""
+    import mmseg
+
+    from cswap.files import save_state_dict_atomic, write_text_atomic
+
+    if model.cfg is None:
+        raise ConfigError("this SegLogits has no mmseg config to save (build it with build_mmseg_model)")
+    segmentor = model.segmentor()
+    meta = {"mmseg_version": mmseg.__version__, "pruned_by": "C-SWAP",
+            "rebuild": "cswap.models.mmseg.init_pruned_model(config, checkpoint)"}
+    dataset_meta = model.dataset_meta or _known_dataset_meta(model.num_classes)
+    if dataset_meta:
+        meta["dataset_meta"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataset_meta.items()}
+    state = {k: v.detach().cpu() for k, v in segmentor.state_dict().items()}
+    return [save_state_dict_atomic({"meta": meta, "state_dict": state}, folder / CHECKPOINT),
+            write_text_atomic(folder / CONFIG, model.cfg.pretty_text + "\n")]
+
+
+def _known_dataset_meta(num_classes: int) -> dict | None:
+    """Cityscapes' classes and palette for a 19-class model (what mmseg's init_model guesses)."""
+    from mmseg.datasets import CityscapesDataset
+
+    meta = CityscapesDataset.METAINFO
+    return dict(meta) if len(meta["classes"]) == num_classes else None
+
+
+def init_pruned_model(config: str | Path, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
+    """mmseg's `init_model` for a pruned checkpoint: the config's `EncoderDecoder`, every
+    layer resized to the checkpoint's shapes (`resize_to`), the weights loaded strictly with
+    mmengine's `load_checkpoint`; `cfg` and `dataset_meta` set as `init_model` sets them, so
+    `mmseg.apis.inference_model` works on the result. The config file is Python (trust it)."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.runner import load_checkpoint
+    from mmseg.apis import init_model
+
+    from cswap.files import load_checkpoint as read_state
+
+    cfg = load_config(config)
+    with _registered_types_only():
+        segmentor = revert_sync_batchnorm(init_model(cfg, checkpoint=None, device="cpu"))
+    resize_to(segmentor, read_state(checkpoint))
+    loaded = load_checkpoint(segmentor, str(checkpoint), map_location="cpu", strict=True)
+    segmentor.dataset_meta = loaded.get("meta", {}).get("dataset_meta")
+    segmentor.cfg = cfg
+    return segmentor.to(device).eval()
+
+
+def resize_to(model: nn.Module, state: dict) -> None:
+    """Give each convolution, linear and batch-norm layer of `model` the shapes its entries in
+    `state` have (what structured pruning changed), fixing the attributes its forward reads
+    (in/out channels, features); the values are then loaded from `state`."""
+    own = model.state_dict()
+    changed = {k.rpartition(".")[0] for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
+    for name in sorted(changed):
+        module = model.get_submodule(name)
+        _resize_module(module, {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}, name)
+
+
+def _resize_module(module: nn.Module, entries: dict, name: str) -> None:
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.conv import _ConvNd
+
+    for key, value in entries.items():
+        if key in module._parameters and module._parameters[key] is not None:
+            module._parameters[key] = nn.Parameter(torch.empty_like(value, dtype=module._parameters[key].dtype),
+                                                   requires_grad=module._parameters[key].requires_grad)
+        elif key in module._buffers and module._buffers[key] is not None and value.dim() > 0:
+            module._buffers[key] = torch.empty_like(value, dtype=module._buffers[key].dtype)
+    weight = entries.get("weight")
+    if isinstance(module, _ConvNd) and weight is not None:
+        if module.groups not in (1, module.in_channels):
+            raise ConfigError(f"cannot resize grouped convolution {name} (groups={module.groups})")
+        depthwise = module.groups > 1
+        module.out_channels = weight.shape[0]
+        module.in_channels = weight.shape[0] if depthwise else weight.shape[1]
+        module.groups = module.in_channels if depthwise else 1
+    elif isinstance(module, nn.Linear) and weight is not None:
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, _NormBase):
+        module.num_features = entries.get("weight", entries.get("running_mean")).shape[0]
+    elif weight is not None or entries:
+        raise ConfigError(f"cannot resize {type(module).__name__} {name} to the checkpoint's shapes")

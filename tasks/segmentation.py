@@ -54,7 +54,9 @@ class CityscapesSegmentationTask(SampleSetTask):
 
     class Options(SampleSetOptions):
         root: Path = Field(description="Cityscapes root holding leftImg8bit/ and gtFine/")
-        config: str = Field(DDRNET23S_CITYSCAPES, description="mmseg config (path or shipped name) for normalisation")
+        config: str | None = Field(None, description="mmseg config (path or shipped name) whose data_preprocessor "
+                                   "normalises the images; default: the mmseg model's own (model.kwargs.config), "
+                                   "or DDRNet-23-slim's when the task serves no mmseg model")
         eval_split: str = "val"
         samples_per_class: int = Field(8, ge=2, description="M_k: images of S in which each class appears")
         min_pixels: int = Field(1, ge=1, description="pixels a class needs in an image to count as present")
@@ -71,6 +73,22 @@ class CityscapesSegmentationTask(SampleSetTask):
         self.missing_classes = options.missing_classes  # read by cswap.coverage
         self._datasets: dict = {}
         self._norm = None
+        self._model_cfg = None  # the mmseg config of the model this task serves (bind_model)
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Normalise as the mmseg model expects: its config's data_preprocessor, unless the
+        task names a config of its own (then a different normalisation is a warning)."""
+        from ..models.mmseg import SegLogits, input_normalisation
+
+        if not isinstance(model, SegLogits) or model.cfg is None:
+            return
+        self._model_cfg, self._norm = model.cfg, None
+        if self.options.config is not None:
+            theirs, ours = input_normalisation(model.cfg), self._normaliser()
+            if not all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(theirs, ours)):
+                log.warning("task.options.config %s normalises images differently from the model's mmseg config; "
+                            "the task's is used (leave task.options.config unset to use the model's)",
+                            self.options.config)
 
     # ---- data --------------------------------------------------------------------------
     def dataset(self, split: str):
@@ -96,17 +114,21 @@ class CityscapesSegmentationTask(SampleSetTask):
             )
             if len(ds) == 0:
                 raise DataError(f"no *_leftImg8bit.png images with labelTrainIds maps under {root}/leftImg8bit/{split}")
+            _check_label_maps(ds, root, split)
             self._datasets[split] = ds
         return self._datasets[split]
 
     def _normaliser(self):
-        """(mean, std, bgr_to_rgb) of the mmseg config's data_preprocessor."""
+        """(mean, std, bgr_to_rgb) of the data_preprocessor of the task's mmseg config, else of
+        the bound model's, else of DDRNet-23-slim's Cityscapes config."""
         if self._norm is None:
-            cfg = load_config(self.options.config)
-            pre = cfg.get("data_preprocessor") or cfg.model.get("data_preprocessor") or {}
-            mean = torch.tensor(pre.get("mean", [123.675, 116.28, 103.53]), dtype=torch.float32).view(1, -1, 1, 1)
-            std = torch.tensor(pre.get("std", [58.395, 57.12, 57.375]), dtype=torch.float32).view(1, -1, 1, 1)
-            self._norm = (mean, std, bool(pre.get("bgr_to_rgb", True)))
+            from ..models.mmseg import input_normalisation
+
+            if self.options.config is not None:
+                cfg = load_config(self.options.config)
+            else:
+                cfg = self._model_cfg if self._model_cfg is not None else load_config(DDRNET23S_CITYSCAPES)
+            self._norm = input_normalisation(cfg)
         return self._norm
 
     def load(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +202,7 @@ class CityscapesSegmentationTask(SampleSetTask):
 
         ds = self.dataset(self.options.eval_split)
         idx = self.eval_indices(len(ds))
-        metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255)
+        metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255, prefix="val")  # a prefix: no warning
         metric.dataset_meta = ds.metainfo
         was_training = model.training
         model.eval()
@@ -205,6 +227,21 @@ class CityscapesSegmentationTask(SampleSetTask):
             width, height = self.options.scale
             log.warning("no data under %s: example input is a zero image of %dx%d", self.options.root, width, height)
             return torch.zeros(1, 3, height, width)
+
+
+def _check_label_maps(ds, root: Path, split: str) -> None:
+    """Every image has its `*_gtFine_labelTrainIds.png`; the most common mistake (only the
+    `*_labelIds.png` of the download are there) is named with the command that makes them."""
+    missing = [Path(item["seg_map_path"]) for item in ds.data_list if not Path(item["seg_map_path"]).is_file()]
+    if not missing:
+        return
+    first = missing[0]
+    label_ids = first.with_name(first.name.replace("_labelTrainIds.png", "_labelIds.png"))
+    why = (f"only {label_ids.name} is there: the downloaded label ids must be converted to the 19 train ids, with "
+           f"cityscapesscripts: pip install cityscapesscripts && CITYSCAPES_DATASET={root} csCreateTrainIdLabelImgs "
+           "(or mmseg's tools/dataset_converters/cityscapes.py)" if label_ids.is_file() else "label maps are missing")
+    raise DataError(f"{len(missing)} of {len(ds)} images of split {split!r} have no label map {first.name} under "
+                    f"{root / 'gtFine' / split}; {why}")
 
 
 def _quietly(fn, *args):

@@ -89,8 +89,9 @@ def _files(root: Path) -> set[Path]:
 
 
 def _one_line(capsys, *needles: str) -> str:
+    """The error is one line; console warnings before it (e.g. random weights) are their own lines."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("WARNING ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
