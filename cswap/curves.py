@@ -76,9 +76,11 @@ def parse_ratios(text: str | None) -> tuple[float, ...]:
     return ratios if ratios[0] == 0 else (0.0, *ratios)
 
 
-def replay_curve(model: nn.Module, plan: PruningPlan, task: Task, ratios, adapter, metric: str,
-                 unpruned: float) -> list[dict]:
-    """The metric at each target ratio the plan can reach, then once at its full length."""
+def replay_curve(model: nn.Module, plan: PruningPlan, task: Task, ratios, adapter, metric: str, unpruned: float,
+                 *, sample_set=None, calibration=None, recovery=None) -> list[dict]:
+    """The metric at each target ratio the plan can reach, then once at its full length; each
+    model replayed as `PruningPlan.apply_prefix` does (compensated with `sample_set`,
+    repaired by `recovery` on `calibration`)."""
     removed = plan.cumulative_params_removed()
     reachable = removed[-1] / max(plan.params_total, 1)
     targets = [r for r in ratios if r <= reachable + 1e-12]
@@ -88,7 +90,9 @@ def replay_curve(model: nn.Module, plan: PruningPlan, task: Task, ratios, adapte
     for r in targets:
         k = len(plan.steps) if r == reachable else plan.prefix_for(r)
         if k not in cache:
-            cache[k] = task.evaluate(plan.apply_prefix(model, k, adapter=adapter))[metric]
+            pruned = plan.apply_prefix(model, k, adapter=adapter, sample_set=sample_set, calibration=calibration,
+                                       recovery=recovery)
+            cache[k] = task.evaluate(pruned)[metric]
         rows.append({"target_ratio": round(float(r), 6), "params_ratio": removed[k] / plan.params_total,
                      "steps": k, metric: cache[k]})
     return rows
@@ -112,7 +116,7 @@ def run_curves(analysis: Analysis, specs: list[CriterionSpec], seeds: list[int],
         seconds = time.perf_counter() - started
         if plans_dir is not None:
             plan.save(plans_dir / f"{spec.label.replace('/', '-')}-seed{seed}.json")
-        curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned)
+        curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, **replay_data(a, seed))
         for row in curve:
             rows.append({"criterion": spec.label, "seed": seed, **row})
         area = sauce([r["params_ratio"] for r in curve], [100.0 * r[metric] for r in curve])
@@ -120,6 +124,16 @@ def run_curves(analysis: Analysis, specs: list[CriterionSpec], seeds: list[int],
                          "max_params_ratio": curve[-1]["params_ratio"], "categories": plan.category_counts(),
                          "num_noncritical": plan.num_noncritical})
     return CurveResult(metric, unpruned, count_params(a.model), rows, analyses)
+
+
+def replay_data(analysis: Analysis, seed: int) -> dict:
+    """What a replay of this seed's plan needs: S (a compensated plan's statistics), the
+    calibration data and the recovery of the run's options."""
+    recovery = analysis.options.recovery
+    sample_set = analysis.task.manifold(seed)
+    calibration = sample_set if recovery.calibration_samples_per_class is None else \
+        analysis.task.manifold(seed, recovery.calibration_samples_per_class)
+    return {"sample_set": sample_set, "calibration": calibration, "recovery": recovery if recovery.methods else None}
 
 
 def curve_from_config(cfg: RunConfig, specs: list[CriterionSpec], seeds: int, ratios, out: Path,

@@ -29,7 +29,7 @@ from torch import nn
 
 from .contract import check_scores
 from .distributed import rank_and_world
-from .errors import NumericalError
+from .errors import ConfigError, NumericalError
 from .hooks import trace_calls
 from .interfaces import Manifold, Scores, ScoringFunction, Unit, UnitGraph
 from .intervention import Intervention
@@ -116,8 +116,7 @@ class FullForward:
 
     def commit(self, units: Unit | Sequence[Unit]) -> None:
         """`units` (those of the last trial) stay cut from now on."""
-        for unit in _as_list(units):
-            self.intervention.cut(unit)
+        self.intervention.cut_all(_as_list(units))
 
     def cut(self, unit: Unit) -> None:
         """Cut `unit` for good without a trial (a decision replayed on resume): any cached
@@ -258,8 +257,9 @@ class Staged(FullForward):
 
     def batchable(self, layer: str) -> bool:
         """Whether `trials` can evaluate this layer's units together: every reader a plain
-        convolution or linear layer reading whole input features, a tensor output, no delta."""
-        return not self.delta and self._batchable_output and all(
+        convolution or linear layer reading whole input features, a tensor output, no delta, and
+        a cut that only zeroes reads (a compensated cut changes the readers' other weights)."""
+        return not self.delta and self.intervention.batchable and self._batchable_output and all(
             dim == 1 and (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1))
             for m, dim, _ in self.readers[layer])
 
@@ -384,6 +384,9 @@ def make_engine(kind: str, model, scorer, manifold, graph, stages=None, device="
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; use one of {', '.join(ENGINES)}")
     intervention = intervention or Intervention(model, graph)
+    if kind == "delta" and not intervention.batchable:
+        raise ConfigError("engine delta updates the first reader by the cut's share alone; a compensated cut "
+                          "(pruning.intervention mean or least_squares) changes more: use engine staged or auto")
     if kind == "full" or stages is None:
         if kind in ("staged", "delta"):
             raise ValueError(f"engine {kind!r} needs an adapter with a stage chain")

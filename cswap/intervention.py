@@ -23,7 +23,14 @@ class Intervention:
     The model must be the one the UnitGraph was discovered on (parameters are found by name).
     Slices of different units never overlap, so restoring one unit from the saved original
     weights never touches another unit's cut.
+
+    This is the paper's intervention (`pruning.intervention: zero`); `cswap.compensation` has
+    the compensated ones, which also change what the unit's readers compute.
     """
+
+    #: whether the staged engine may score several units of a layer in one pass by zeroing
+    #: their input features per copy (what this cut does, and nothing more)
+    batchable = True
 
     def __init__(self, model: nn.Module, graph: UnitGraph):
         params = dict(model.named_parameters())
@@ -46,6 +53,11 @@ class Intervention:
                 self._params[pname].index_fill_(dim, index, 0.0)
         self.cut_units.add(unit)
 
+    def cut_all(self, units: Iterable[Unit]) -> None:
+        """Cut `units` for good (one unit, or a block tested jointly)."""
+        for unit in units:
+            self.cut(unit)
+
     def restore(self, unit: Unit) -> None:
         with torch.no_grad():
             for pname, dim, index in self._slices.get(str(unit), []):
@@ -55,12 +67,13 @@ class Intervention:
 
     @contextlib.contextmanager
     def trial(self, units: Iterable[Unit]) -> Iterator[None]:
-        """Cut `units` for the duration of the block, then restore them."""
+        """Cut `units` for the duration of the block, then restore them (last cut first, so a
+        cut that saved state on top of another's gives it back in order)."""
         units = [u for u in units if u not in self.cut_units]
         for u in units:
             self.cut(u)
         try:
             yield
         finally:
-            for u in units:
+            for u in reversed(units):
                 self.restore(u)

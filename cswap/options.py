@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENGINES = ("auto", "staged", "delta", "full")
 PRECISIONS = ("fp32", "tf32", "bf16")
+INTERVENTIONS = ("zero", "mean", "least_squares")
+RECOVERIES = ("bias", "bn", "least_squares")
 
 
 class _Options(BaseModel):
@@ -45,6 +47,37 @@ class FastOptions(_Options):
         return self.group_testing or self.sequential or self.taylor_order
 
 
+class RecoveryOptions(_Options):
+    """`pruning.recovery`: repairs after removal, in closed form, on unlabeled calibration data
+    (cswap/recovery.py). A plain string is the method: `pruning.recovery: least_squares+bn`."""
+
+    method: str = Field("none", description="none, or bias, bn, least_squares joined by '+' (applied in that "
+                        "order): fold the removed units' mean into their readers' biases; re-estimate the "
+                        "BatchNorm statistics; re-fit the readers' kept weights to the unpruned outputs")
+    sequential: bool = Field(True, description="re-fit readers in network order, each on the inputs the repaired "
+                             "layers before it give (false: every reader on the unrepaired model's inputs)")
+    calibration_samples_per_class: int | None = Field(
+        None, ge=1, description="calibration samples per class, drawn like S from the task's sample split (never "
+        "the evaluation data); default: S itself")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"method": value} if isinstance(value, str) else value
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        steps = [] if value == "none" else value.split("+")
+        if any(s not in RECOVERIES for s in steps) or len(set(steps)) != len(steps):
+            raise ValueError(f"recovery {value!r}: none, or {', '.join(RECOVERIES)} joined by '+', each at most once")
+        return value
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return () if self.method == "none" else tuple(self.method.split("+"))
+
+
 class PruningOptions(_Options):
     """How C-SWAP (and the causal baselines) walk the network, and what the plan is replayed to."""
 
@@ -63,9 +96,23 @@ class PruningOptions(_Options):
         "(TF32 matmuls and convolutions, CUDA only); bf16 (autocast). The baseline sigma, the cache of the network "
         "and every reported number stay fp32; each trial is compared with the uncut network run the same way. "
         "Opt-in and approximate: the plan may differ (measured in docs/results/performance.md)")
+    round_to: int | None = Field(
+        None, ge=1, description="replay: keep every pruned layer's width a multiple of this (e.g. 8), holding back "
+        "or bringing forward the last units of a layer in the plan's order (cswap/alignment.py)")
+    latency_ratio: float | None = Field(
+        None, gt=1, description="replay: target speed-up, original over pruned latency measured on this device "
+        "(e.g. 1.5 for 1.5x faster; cswap/latency.py: a per-layer latency table, then a real measurement)")
+    latency_batch: int = Field(1, ge=1, description="batch size at which latency_ratio is measured")
     fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/pruner/fast.py); the plan may differ")
     verify_units: bool = Field(True, description="check every layer's cut against its physical removal before the "
                                "analysis and leave out layers where they differ (cswap/verify.py)")
+    intervention: Literal[INTERVENTIONS] = Field(
+        "zero", description="what a cut leaves at the unit's readers, and so what the test judges: nothing (zero, "
+        "the paper), the unit's mean over S (mean), or the least-squares correction of the readers' other weights "
+        "(least_squares); removal applies the same compensation (cswap/compensation.py)")
+    recovery: RecoveryOptions = Field(RecoveryOptions(), description="repairs after removal (cswap/recovery.py)")
+    ridge: float = Field(1e-3, gt=0, description="ridge of every least-squares solve (intervention and recovery), "
+                         "relative to the mean diagonal of the Gram matrix")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -79,6 +126,9 @@ class PruningOptions(_Options):
 
     @model_validator(mode="after")
     def _one_target_and_exact_fast_modes(self):
+        targets = [n for n in ("params_ratio", "flops_ratio", "latency_ratio") if getattr(self, n) is not None]
+        if len(targets) > 1:
+            raise ValueError(f"give one replay target, not {' and '.join(targets)}")
         if self.precision != "fp32" and self.fast.enabled:
             raise ValueError("reduced precision (precision) applies to exact single-unit trials; it cannot be "
                              "combined with fast")

@@ -9,12 +9,11 @@ the directory's lock and life cycle are `cswap.rundir`'s; SIGINT/SIGTERM save th
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -28,12 +27,12 @@ from .coverage import check_coverage
 from .distributed import is_main_process
 from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
-from .interfaces import Analysis, Manifold, UnitGraph
+from .interfaces import Analysis, Manifold
 from .interrupt import deferred, interruptible
-from .intervention import Intervention
 from .metrics import compare_costs
 from .plan import PruningPlan
 from .pruner import progressive_prune
+from .replay import replay
 from .removal import count_params
 from .rundir import STATE_FILE, RunLock, partial_of
 
@@ -70,14 +69,12 @@ def describe(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
-def self_check(model: nn.Module, pruned: nn.Module, graph: UnitGraph, plan: PruningPlan, k: int, batch: torch.Tensor) -> float:
-    """Max |pruned - intervened| on a batch of S; the two must agree (removal == cut)."""
-    cut_model = copy.deepcopy(model).eval()
-    cut = Intervention(cut_model, graph)
-    for unit in plan.units(k):
-        cut.cut(unit)
+def self_check(cut_model: nn.Module, pruned: nn.Module, batch: torch.Tensor) -> float:
+    """Max |pruned - intervened| on a batch of S; the two must agree (removal == cut). The
+    intervened model is the replay's cut model: the unpruned architecture with the same cuts,
+    compensations and repairs (`cswap.replay`)."""
     with torch.no_grad():
-        a, b = cut_model(batch), pruned.eval()(batch)
+        a, b = cut_model.eval()(batch), pruned.eval()(batch)
     diff = (a - b).abs().max().item()
     scale = max(a.abs().max().item(), 1.0)
     if not diff <= 1e-4 * scale:
@@ -275,11 +272,9 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
     (rank 0)."""
     started = time.perf_counter()
     a, manifold = setup.analysis, setup.manifold
-    model, graph, device = a.model, a.units, a.device
+    model, graph = a.model, a.units
     log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, setup.note)
     log.info("%d units in %d layers; |S| = %d", graph.num_units, len(graph.layers), len(manifold))
-    costs = dict(repeats=cfg.output.latency_repeats, batch=cfg.output.latency_batch)
-    before = dict(setup.before)
     latest: dict = {}
 
     def checkpoint(state: dict) -> None:
@@ -288,8 +283,7 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
 
     analysis_started = time.perf_counter()
     try:
-        a.progress = progress
-        ranking = progressive_prune(a, cfg.seed, manifold=manifold, checkpoint=checkpoint if out else None,
+        ranking = progressive_prune(replace(a, progress=progress), cfg.seed, manifold=manifold, checkpoint=checkpoint if out else None,
                                     checkpoint_seconds=cfg.output.checkpoint_seconds, resume=resume)
         plan = PruningPlan.from_ranking(model, graph, ranking, adapter=a.adapter_name)
     except BaseException:
@@ -300,33 +294,45 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
     if out is None:
         return {}
     plan.save(out / "plan.json")
+    report = _deploy(cfg, setup, plan, out, progress)
+    report.update(analysis_seconds=round(analysis_seconds, 3), total_seconds=round(time.perf_counter() - started, 3))
+    return report
 
+
+def _deploy(cfg: RunConfig, setup: Setup, plan: PruningPlan, out: Path, progress: bool) -> dict:
+    """The plan replayed to the configured target (compensated and repaired as configured),
+    checked against its cut model, measured beside the original, and saved."""
+    a, manifold, device = setup.analysis, setup.manifold, setup.analysis.device
+    model, recovery = a.model, cfg.pruning.recovery
     k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
-    pruned = plan.apply_prefix(model, k, adapter=a.adapter)
-    diff = self_check(model, pruned, graph, plan, k, manifold.batches[0][0][:64].to(device))
-    after = a.task.evaluate(pruned, device)
+    calibration = manifold if recovery.calibration_samples_per_class is None else \
+        a.task.manifold(cfg.seed, recovery.calibration_samples_per_class)
+    replayed = replay(plan, model, k, adapter=a.adapter, graph=a.units, sample_set=manifold, calibration=calibration,
+                      recovery=recovery, ridge=cfg.pruning.ridge, progress=progress)
+    pruned = replayed.pruned
+    diff = self_check(replayed.cut, pruned, manifold.batches[0][0][:64].to(device))
+    before, after = dict(setup.before), a.task.evaluate(pruned, device)
     # timed in turns, so the two latencies see the same machine load
-    cost_before, cost_after = compare_costs([model, pruned], a.example_inputs.to(device), **costs)
-    before.update(cost_before)
-    after.update(cost_after)
+    costs = compare_costs([model, pruned], a.example_inputs.to(device), repeats=cfg.output.latency_repeats,
+                          batch=cfg.output.latency_batch)
+    before.update(costs[0])
+    after.update(costs[1])
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
-    return {
-        "model": f"{cfg.model.source}:{cfg.model.name}",
-        "metric": a.task.metric,
-        "adapter": a.adapter_name,
+    report = {
+        "model": f"{cfg.model.source}:{cfg.model.name}", "metric": a.task.metric, "adapter": a.adapter_name,
         "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
-        "steps_applied": k,
-        "categories": plan.category_counts(),
-        "units_total": graph.num_units,
-        "units_removed": k,
-        "before": before,
-        "after": after,
+        "intervention": plan.meta.get("intervention", "zero"), "steps_applied": k,
+        "categories": plan.category_counts(), "units_total": a.units.num_units, "units_removed": k,
+        "before": before, "after": after,
         "params_removed_ratio": 1 - after["params"] / before["params"],
         "macs_removed_ratio": 1 - after["macs"] / before["macs"],
         "self_check_max_abs_diff": diff,
-        "analysis_seconds": round(analysis_seconds, 3),
-        "total_seconds": round(time.perf_counter() - started, 3),
     }
+    if replayed.recovery is not None:  # what the repair did: the metric of the same removal without it
+        unrepaired = plan.apply_prefix(model, k, adapter=a.adapter, sample_set=manifold)
+        report["recovery"] = {**replayed.recovery.to_json(), a.task.metric + "_before": a.task.evaluate(
+            unrepaired, device)[a.task.metric]}
+    return report
 
 
 def _save_last_state(out: Path, state: dict) -> None:
@@ -364,7 +370,7 @@ def load_pruned(run_dir: str | Path) -> nn.Module:
                         f"the config's model has {count_params(model)}")
     _check_plan_layers(plan, model, run_dir / "plan.json")
     _, adapter = resolve_adapter(cfg.adapter, model)
-    pruned = plan.apply_prefix(model, steps, adapter=adapter, inplace=True)
+    pruned = plan.remove(model, steps, adapter)  # the shape; the weights (compensated, recovered) come from the file
     load_weights(pruned, load_checkpoint(run_dir / "pruned_model.pt"), str(run_dir / "pruned_model.pt"))
     return pruned.eval()
 

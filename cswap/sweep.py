@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import registry
 from .build import analysis_from_config
 from .config import PluginRef, RunConfig
-from .curves import DEFAULT_RATIOS, replay_curve
+from .curves import DEFAULT_RATIOS, replay_curve, replay_data
 from .interfaces import Analysis
 from .plan import PruningPlan
 from .pruner import progressive_prune
@@ -64,8 +64,9 @@ def _row(a: Analysis, setting: Setting, seed: int, ratios, unpruned: float) -> d
                                     adapter=a.adapter_name)
     metric, k = a.task.metric, plan.num_noncritical
     removed = plan.cumulative_params_removed()
-    noncritical = a.task.evaluate(plan.apply_prefix(a.model, k, adapter=a.adapter))[metric] if k else unpruned
-    curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned)
+    data = replay_data(a, seed)
+    noncritical = a.task.evaluate(plan.apply_prefix(a.model, k, adapter=a.adapter, **data))[metric] if k else unpruned
+    curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, **data)
     counts = plan.category_counts()
     return {
         "alpha": setting.alpha, "samples_per_class": setting.samples_per_class or a.task.samples_per_class,

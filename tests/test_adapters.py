@@ -146,6 +146,7 @@ def test_vit_analysis_end_to_end():
     """C-SWAP on a two-block ViT: the plan replays, the run's self-check holds, and the
     staged engine (the adapter's stage chain) gives the same plan as full forward passes."""
     from cswap.api import analyze
+    from cswap.replay import replay
     from cswap.run import self_check
 
     torch.manual_seed(0)
@@ -157,8 +158,8 @@ def test_vit_analysis_end_to_end():
     pruned = plan.apply(model, params_ratio=0.2)
     assert count_params(pruned) <= 0.8 * count_params(model) + max(s.params_freed for s in plan.steps)
     graph = VitAdapter().units(model, x[:1])
-    k = plan.prefix_for(0.2)
-    assert self_check(model, pruned, graph, plan, k, x) < 1e-5
+    cut = replay(plan, model, plan.prefix_for(0.2), adapter=VitAdapter(), graph=graph).cut  # heads cut, not removed
+    assert self_check(cut, pruned, x) < 1e-5
     full = analyze(model, (x, y), samples_per_class=8, progress=False, engine="full")
     assert [s.to_json() for s in full.steps] == [s.to_json() for s in plan.steps]  # stages change nothing
 

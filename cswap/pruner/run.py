@@ -65,6 +65,8 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
     meta["units_tested"] = sum(meta["categories"][k] for k in ("neutral", "detrimental", "critical"))
     if analysis.options.precision != "fp32":  # reduced-precision trials (cswap/precision.py); fp32 adds nothing
         meta["precision"] = analysis.options.precision
+    if analysis.options.intervention != "zero":  # the replay must compensate the same way (cswap.replay)
+        meta.update(intervention=analysis.options.intervention, ridge=analysis.options.ridge)
     if fast.enabled:  # unit-forward passes: trials, and trials counted by the share of S they ran
         meta["fast"] = {**fast.model_dump(), "trials": trials.count,
                         "trial_sample_passes": round(trials.batches / max(1, len(trials.engine.batches)), 3)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Callable, Sequence
 
+from ..compensation import make_intervention
 from ..engine import make_engine
 from ..errors import ConfigError
 from ..interfaces import CRITICAL, Analysis, Decision, Layer, Manifold, Scores, Unit
@@ -31,9 +32,11 @@ class Trials:
             manifold, self.marks = stratified(manifold, self.fast.looks)
             self.interim = analysis.test.with_alpha(self.fast.interim_alpha)
         self.manifold = manifold
-        self.engine = make_engine(analysis.options.engine, self.work, analysis.scorer, manifold, analysis.units,
-                                  analysis.adapter.stages(self.work), analysis.device)
-        self.engine = with_precision(self.engine, analysis.options.precision, analysis.device)  # fp32: the engine itself
+        o = analysis.options
+        intervention = make_intervention(o.intervention, self.work, analysis.units, analysis.model, manifold, o.ridge)
+        self.engine = make_engine(o.engine, self.work, analysis.scorer, manifold, analysis.units,
+                                  analysis.adapter.stages(self.work), analysis.device, intervention)
+        self.engine = with_precision(self.engine, o.precision, analysis.device)  # fp32: the engine itself
         if self.fast.sequential and self.engine.world > 1:
             raise ConfigError("sequential testing runs in one process; drop torchrun or pruning.fast.sequential")
         self.base = self.engine.baseline()
