@@ -26,6 +26,7 @@ from .config import RunConfig, dump_config, load_config_text, parse_config
 from .coverage import check_coverage
 from .distributed import is_main_process
 from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
+from .export import write_native
 from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
 from .interfaces import Analysis, Manifold
 from .interrupt import deferred, interruptible
@@ -304,7 +305,8 @@ def _deploy(cfg: RunConfig, setup: Setup, plan: PruningPlan, out: Path, progress
     checked against its cut model, measured beside the original, and saved."""
     a, manifold, device = setup.analysis, setup.manifold, setup.analysis.device
     model, recovery = a.model, cfg.pruning.recovery
-    k = plan.prefix(model, cfg.pruning.params_ratio, cfg.pruning.flops_ratio)
+    plan = plan.aligned(cfg.pruning.round_to)
+    k, latency_search = _steps_for_target(cfg, plan, model, out, a.adapter)
     calibration = manifold if recovery.calibration_samples_per_class is None else \
         a.task.manifold(cfg.seed, recovery.calibration_samples_per_class)
     replayed = replay(plan, model, k, adapter=a.adapter, graph=a.units, sample_set=manifold, calibration=calibration,
@@ -318,21 +320,40 @@ def _deploy(cfg: RunConfig, setup: Setup, plan: PruningPlan, out: Path, progress
     before.update(costs[0])
     after.update(costs[1])
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
+    write_native(pruned, out)  # e.g. an mmseg checkpoint and config beside it
+    target = {n: getattr(cfg.pruning, n) for n in ("params_ratio", "flops_ratio", "latency_ratio")}
     report = {
         "model": f"{cfg.model.source}:{cfg.model.name}", "metric": a.task.metric, "adapter": a.adapter_name,
-        "target": {"params_ratio": cfg.pruning.params_ratio, "flops_ratio": cfg.pruning.flops_ratio},
+        "target": target, "round_to": cfg.pruning.round_to,
         "intervention": plan.meta.get("intervention", "zero"), "steps_applied": k,
-        "categories": plan.category_counts(), "units_total": a.units.num_units, "units_removed": k,
+        "categories": plan.category_counts(), "units_total": a.units.num_units, "units_removed": len(plan.units(k)),
         "before": before, "after": after,
         "params_removed_ratio": 1 - after["params"] / before["params"],
         "macs_removed_ratio": 1 - after["macs"] / before["macs"],
         "self_check_max_abs_diff": diff,
     }
+    if latency_search is not None:
+        report["latency_search"] = latency_search
     if replayed.recovery is not None:  # what the repair did: the metric of the same removal without it
         unrepaired = plan.apply_prefix(model, k, adapter=a.adapter, sample_set=manifold)
         report["recovery"] = {**replayed.recovery.to_json(), a.task.metric + "_before": a.task.evaluate(
             unrepaired, device)[a.task.metric]}
     return report
+
+
+def _steps_for_target(cfg: RunConfig, plan: PruningPlan, model: nn.Module, out: Path, adapter) -> tuple[int, dict | None]:
+    """The prefix for the configured target; a latency target measures its way there with a
+    per-layer latency table cached in the run directory (`cswap.latency`)."""
+    options = cfg.pruning
+    if options.latency_ratio is None:
+        return plan.prefix(model, options.params_ratio, options.flops_ratio), None
+    from .latency import latency_search, table_for
+
+    table = table_for(plan, model, options.latency_batch, cache=out, adapter=adapter)
+    search = latency_search(plan, model, options.latency_ratio, table, adapter=adapter)
+    log.info("latency target x%.2f: %d steps, measured x%.2f", options.latency_ratio, search.steps,
+             search.measured_speedup)
+    return search.steps, search.to_json()
 
 
 def _save_last_state(out: Path, state: dict) -> None:
@@ -360,7 +381,8 @@ def load_pruned(run_dir: str | Path) -> nn.Module:
             raise DataError(f"{run_dir} is not a complete run directory: {name} is missing")
     cfg = parse_config(load_config_text((run_dir / "config.yaml").read_text(), run_dir / "config.yaml"))
     plan = _read_plan(run_dir / "plan.json")
-    steps = _read_json(run_dir / "report.json").get("steps_applied")
+    report = _read_json(run_dir / "report.json")
+    steps, round_to = report.get("steps_applied"), report.get("round_to")
     if not isinstance(steps, int) or not 0 <= steps <= len(plan.steps):
         raise DataError(f"{run_dir / 'report.json'}: steps_applied {steps!r} is not a step count of the plan "
                         f"(0..{len(plan.steps)})")
@@ -369,8 +391,10 @@ def load_pruned(run_dir: str | Path) -> nn.Module:
         raise DataError(f"{run_dir / 'plan.json'} was made for a model with {plan.params_total} parameters; "
                         f"the config's model has {count_params(model)}")
     _check_plan_layers(plan, model, run_dir / "plan.json")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise DataError(f"{run_dir / 'report.json'}: round_to {round_to!r} is not a positive width")
     _, adapter = resolve_adapter(cfg.adapter, model)
-    pruned = plan.remove(model, steps, adapter)  # the shape; the weights (compensated, recovered) come from the file
+    pruned = plan.aligned(round_to).remove(model, steps, adapter)  # the shape; the weights (compensated, recovered) come from the file
     load_weights(pruned, load_checkpoint(run_dir / "pruned_model.pt"), str(run_dir / "pruned_model.pt"))
     return pruned.eval()
 
