@@ -97,7 +97,8 @@ def export_run(folder: str | Path, fmt: str, out: str | Path | None = None) -> t
         program = torch.export.export(model, (x,))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.export.save(program, str(path))
-        got = torch.export.load(str(path)).module()(x)
+        with torch.no_grad():
+            got = torch.export.load(str(path)).module()(x)
         return path, f"reloaded: max |difference| {float((got - expected).abs().max()):.3g}"
     raise DataError(f"unknown export format {fmt!r}: onnx or torch_export")
 

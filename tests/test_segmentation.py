@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +13,7 @@ import yaml
 
 from cswap.causal import PairedTTest
 from cswap.scorers.miou import IoUScorer
-
-ROAD, BUILDING, SKY, CAR = 0, 2, 10, 13  # Cityscapes train ids
-PALETTE = {ROAD: (128, 64, 128), BUILDING: (70, 70, 70), SKY: (70, 130, 180), CAR: (0, 0, 142)}
-DDRNET = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
-# the real mmseg DDRNet code at a quarter of DDRNet-23-slim's width, so a full run takes seconds
-TINY = {"model.backbone.channels": 4, "model.backbone.ppm_channels": 8,
-        "model.decode_head.in_channels": 16, "model.decode_head.channels": 8}
+from cswap.tasks.cityscapes_fixture import BUILDING, CAR, DDRNET, ROAD, SKY, TINY  # the fixture's, shared
 
 
 # ---- the mIoU scorer's two votes, on constructed cases with a known verdict ----------------
@@ -150,38 +145,11 @@ def test_ddrnet_adapter_stage_chain_equals_model(mmseg, one_thread):
 
 
 # ---- a tiny Cityscapes folder through mmseg's dataset code and `cswap prune` --------------
-def _write_cityscapes(root, split: str, n: int, seed: int) -> None:
-    """n frames 64x128: sky, building and road bands at random heights, a car on the road in
-    every other frame, a strip of ignore (255) pixels, colours from the Cityscapes palette
-    plus noise. Files follow the Cityscapes layout and names."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        city = ("aachen", "bochum")[i % 2]
-        label = np.full((64, 128), ROAD, dtype=np.uint8)
-        sky_end, building_end = rng.integers(10, 22), rng.integers(30, 42)
-        label[:sky_end], label[sky_end:building_end] = SKY, BUILDING
-        if i % 2 == 0:
-            x0 = rng.integers(0, 80)
-            label[46:58, x0:x0 + rng.integers(20, 40)] = CAR
-        label[-2:] = 255
-        rgb = np.zeros((64, 128, 3), dtype=np.float64)
-        for k, colour in PALETTE.items():
-            rgb[label == k] = colour
-        rgb = np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8)
-        for folder, suffix, array in (("leftImg8bit", "leftImg8bit", rgb), ("gtFine", "gtFine_labelTrainIds", label)):
-            path = root / folder / split / city / f"{city}_{i:06d}_000019_{suffix}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
-
-
 @pytest.fixture()
 def cityscapes(tmp_path):
-    root = tmp_path / "cityscapes"
-    _write_cityscapes(root, "train", 8, seed=0)
-    _write_cityscapes(root, "val", 4, seed=1)
-    return root
+    from cswap.tasks.cityscapes_fixture import write_folder
+
+    return write_folder(tmp_path / "cityscapes")  # the generator of `cswap fixture cityscapes`
 
 
 def test_task_reads_cityscapes_layout_with_mmseg(mmseg, cityscapes):
@@ -218,7 +186,7 @@ def test_cswap_prune_runs_on_tiny_cityscapes(mmseg, cityscapes, tmp_path, one_th
         opt.step()
     weights = tmp_path / "ddrnet_tiny.pth"  # an mmseg-style checkpoint: {"meta", "state_dict"}
     torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": model.state_dict()}, weights)
-    cfg = yaml.safe_load(open("configs/ddrnet23s_cityscapes.yaml"))
+    cfg = yaml.safe_load(Path("configs/ddrnet23s_cityscapes.yaml").read_text())
     cfg["model"]["kwargs"]["cfg_options"] = TINY
     cfg["model"]["weights"] = str(weights)
     cfg["task"]["options"].update(root=str(cityscapes), samples_per_class=3, min_pixels=1, scale=None)
@@ -247,3 +215,137 @@ def test_shipped_config_dry_run_without_checkpoint_or_data(mmseg, capsys):
     out = capsys.readouterr().out
     assert "random initialisation: weight file" in out and "is absent" in out
     assert "adapter    ddrnet" in out and "3840 in 30 layers" in out and "decode_head.conv_seg" in out
+
+
+# ---- one mmseg config setting; the labelIds-only mistake named -----------------------------
+def _config_with_normalisation(tmp_path, mean, std) -> str:
+    """A user's mmseg config: the shipped DDRNet one with another data_preprocessor."""
+    from cswap.models.mmseg import resolve_config
+
+    path = tmp_path / "my_ddrnet.py"
+    path.write_text(f"_base_ = [{str(resolve_config(DDRNET))!r}]\n"
+                    f"data_preprocessor = dict(mean={mean}, std={std})\n"
+                    "model = dict(data_preprocessor=data_preprocessor)\n")
+    return str(path)
+
+
+def test_model_config_alone_sets_the_task_normalisation(mmseg, cityscapes, tmp_path, caplog):
+    from cswap.build import analysis_from_config
+    from cswap.config import load_config
+    from cswap.tasks.cityscapes_fixture import fixture_config
+
+    mine = _config_with_normalisation(tmp_path, [10.0, 20.0, 30.0], [2.0, 4.0, 8.0])
+    cfg = fixture_config(weights="absent.pth", root=str(cityscapes))
+    cfg["model"]["kwargs"]["config"] = mine  # model.kwargs.config only: task.options.config unset
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    a, _ = analysis_from_config(load_config(tmp_path / "c.yaml"), random_if_missing=True, on_device=False)
+    got = a.task.load("val", [0])[0]
+    default = registry_task(cityscapes).load("val", [0])[0]  # DDRNet's Cityscapes statistics
+    shipped_mean, shipped_std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    pixels = default * shipped_std.view(1, 3, 1, 1) + shipped_mean.view(1, 3, 1, 1)
+    expected = (pixels - torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1)) / torch.tensor([2.0, 4.0, 8.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-5)  # pixels 0..255 undone in fp32
+    # naming a task config that normalises differently is said, and the task's is used
+    task = registry_task(cityscapes, config=DDRNET)
+    import logging
+
+    logger = logging.getLogger("cswap")  # the CLI's console set-up stops propagation: listen on it directly
+    logger.addHandler(caplog.handler)
+    try:
+        task.bind_model(a.model)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "normalises images differently from the model's mmseg config" in caplog.text
+    torch.testing.assert_close(task.load("val", [0])[0], default)
+
+
+def registry_task(root, **options):
+    from cswap import registry
+
+    return registry.create("tasks", "segmentation", {"root": str(root), "scale": None, **options})
+
+
+def test_label_ids_only_names_the_conversion(mmseg, cityscapes, capsys, tmp_path):
+    from cswap.errors import DataError
+
+    for path in (cityscapes / "gtFine" / "val").rglob("*_labelTrainIds.png"):  # as downloaded: labelIds only
+        path.rename(path.with_name(path.name.replace("_labelTrainIds.png", "_labelIds.png")))
+    with pytest.raises(DataError, match=r"4 of 4 images of split 'val' have no label map .*_gtFine_labelTrainIds\.png"
+                                         r".*only .*_gtFine_labelIds\.png is there.*csCreateTrainIdLabelImgs"):
+        registry_task(cityscapes).dataset("val")
+    # from the command line: one line, exit status 2
+    from cswap.cli import main
+    from cswap.tasks.cityscapes_fixture import fixture_config
+
+    cfg = fixture_config(root=str(cityscapes))
+    del cfg["model"]["weights"]  # random weights: the error comes before any analysis
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["prune", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "random weights" in err[0]  # the console's warning, then the error
+    assert err[1].startswith("error: ") and f"CITYSCAPES_DATASET={cityscapes} csCreateTrainIdLabelImgs" in err[1]
+
+
+# ---- the pruned model back in mmseg ---------------------------------------------------------
+def _image(seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((64, 128, 3)) * 255).astype(np.uint8)  # HWC, as mmseg reads files
+
+
+def _assert_back_in_mmseg(pruned, folder, unpruned_params: int) -> None:
+    """`folder` holds the mmseg checkpoint + config of `pruned`: mmseg's inference runs on the
+    pruned SegLogits and on the segmentor rebuilt from those files, with equal logits; the
+    rebuilt one has the pruned widths and computes what the pruned model computes."""
+    from mmseg.apis import inference_model
+
+    from cswap.models.mmseg import CHECKPOINT, CONFIG, SegLogits, init_pruned_model
+
+    checkpoint = torch.load(folder / CHECKPOINT, weights_only=True)
+    assert checkpoint["meta"]["pruned_by"] == "C-SWAP" and len(checkpoint["meta"]["dataset_meta"]["classes"]) == 19
+    rebuilt = init_pruned_model(folder / CONFIG, folder / CHECKPOINT)
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in pruned.parameters()) < unpruned_params
+    x = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(SegLogits(rebuilt)(x), pruned(x), atol=0, rtol=0)
+    ours, theirs = inference_model(pruned, _image()), inference_model(rebuilt, _image())
+    assert ours.pred_sem_seg.data.shape == (1, 64, 128) and ours.seg_logits.data.shape == (19, 64, 128)
+    torch.testing.assert_close(ours.seg_logits.data, theirs.seg_logits.data, atol=0, rtol=0)
+    assert rebuilt.dataset_meta["classes"][0] == "road"
+
+
+def test_pruned_ddrnet_goes_back_to_mmseg(mmseg, one_thread, tmp_path):
+    from cswap.discovery import discover
+    from cswap.interfaces import Unit
+    from cswap.removal import prune_units
+
+    from conftest import randomize_batchnorm
+
+    model = randomize_batchnorm(_ddrnet(TINY))
+    x = torch.randn(1, 3, 64, 128)
+    graph = discover(model, x)
+    g = torch.Generator().manual_seed(0)  # half of every layer's channels removed
+    units = [Unit(l.name, c) for l in graph.layers for c in torch.randperm(l.channels, generator=g)[: l.channels // 2].tolist()]
+    pruned = prune_units(copy.deepcopy(model), x, units)
+    files = pruned.save_native(tmp_path)
+    assert sorted(p.name for p in files) == ["mmseg_config.py", "mmseg_pruned.pth"]
+    _assert_back_in_mmseg(pruned, tmp_path, sum(p.numel() for p in model.parameters()))
+    # the unpruned model is an mmseg model too, and its segmentor holds the very same modules
+    from mmseg.apis import inference_model
+
+    assert inference_model(model, _image()).seg_logits.data.shape == (19, 64, 128)
+    assert model.segmentor().backbone is model.backbone
+
+
+def test_run_directory_of_the_fixture_goes_back_to_mmseg(mmseg, one_thread, tmp_path, capsys):
+    """`cswap fixture cityscapes`, then `cswap prune` on its config: the run directory's
+    pruned model works in mmseg, and its mmseg checkpoint rebuilds it (about 17 s)."""
+    from cswap.cli import main
+    from cswap.run import load_pruned
+
+    assert main(["fixture", "cityscapes", str(tmp_path / "fx"), "--train-steps", "10"]) == 0
+    assert "cswap prune" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["prune", str(tmp_path / "fx" / "config.yaml"), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    pruned = load_pruned(out)
+    assert sum(p.numel() for p in pruned.parameters()) == report["after"]["params"]
+    _assert_back_in_mmseg(pruned, out, report["before"]["params"])
