@@ -26,7 +26,7 @@ def prepare(model: nn.Module, x: torch.Tensor, seed: int = 0) -> nn.Module:
     layer-scale parameters (1e-6 in ConvNeXt) and zero-initialised weights (the heads of
     torchvision's ViT) get O(1) values, so that every unit can change the output."""
     g = torch.Generator().manual_seed(seed)
-    norms = {m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # model order: seeded
     for m in norms:
         if m.affine:
             m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)

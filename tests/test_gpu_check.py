@@ -28,7 +28,8 @@ def test_gpu_check_smoke_writes_passing_results(tmp_path):
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert timing["staged_subset"]["plan_identical_to_naive"]
     assert timing["staged_unit_batch_auto"]["plan_identical_to_staged"]
-    assert timing["staged"]["units_tested"] == timing["environment"]["units"]  # every unit of every layer tested
+    env = timing["environment"]  # every unit tested, but a layer's last one when all others were removed
+    assert env["units"] - env["layers"] <= timing["staged"]["units_tested"] <= env["units"]
     assert timing["naive_subset"]["units_tested"] < timing["staged"]["units_tested"]
     assert timing["naive_all_layers_estimate_s"] > 0 and timing["staged"]["seconds"] > 0
 
@@ -36,7 +37,6 @@ def test_gpu_check_smoke_writes_passing_results(tmp_path):
     assert "skipped" in precision["tf32"]  # refused off CUDA
     bf16 = precision["bf16"]
     assert bf16["meta_precision"] == "bf16"
-    env = timing["environment"]  # a layer's last unit goes untested when the others were removed
     assert env["units"] - env["layers"] <= bf16["units_tested"] <= env["units"]
     assert 0 <= bf16["max_abs_delta_xi"] < 1.0  # xi is a relative effect; bf16 moves it by round-off, not by O(1)
     summary = (tmp_path / "summary.md").read_text()
