@@ -214,3 +214,27 @@ def test_calibration_is_drawn_from_the_sample_split_never_the_evaluation():
     model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     task.evaluate(model)
     assert seen and float(torch.cat(seen).min()) > 5.0
+
+
+def test_amp_judges_the_compensated_cut_and_its_plan_replays_with_it(one_thread):
+    """AMP with `intervention: least_squares` records the cut in its plan, and the replay
+    compensates the same way: the pruned model equals its cut model."""
+    from dataclasses import replace as with_options
+
+    from cswap import registry
+    from cswap.build import analysis_for
+    from cswap.options import PruningOptions
+    from cswap.tasks.classification import ClassificationTask
+
+    model, x, y = _trained_resnet()
+    task = ClassificationTask.from_tensors(x, y, samples_per_class=20)
+    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False))
+    plans = {kind: PruningPlan.from_ranking(model, a.units, registry.create("criteria", "amp").rank(
+        with_options(a, options=a.options.model_copy(update={"intervention": kind})), 0), adapter=a.adapter_name)
+        for kind in ("zero", "least_squares")}
+    assert plans["least_squares"].meta["intervention"] == "least_squares" and not plans["zero"].compensated
+    plan = plans["least_squares"]
+    out = replay(plan, model, len(plan.steps) // 2, adapter=a.adapter, graph=a.units, sample_set=task.manifold(0))
+    with torch.no_grad():
+        cut, removed = out.cut(x), out.pruned(x)
+    assert (cut - removed).abs().max().item() <= 1e-4 * max(cut.abs().max().item(), 1.0)

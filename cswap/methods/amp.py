@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..compensation import make_intervention
 from ..engine import make_engine
 from ..errors import ModelError
 from ..interfaces import PROGRESSIVE, RANKED, Analysis, Criterion, Manifold, PlanStep, Ranking, Scores, ScoringFunction
@@ -34,9 +35,13 @@ class AMPCriterion(Criterion):
 
     def rank(self, analysis: Analysis, seed: int) -> Ranking:
         a = analysis
-        work = copy.deepcopy(a.model).to(a.device).eval()
-        scorer, manifold, metric = self._metric(work, a.task.manifold(seed).to(a.device), a.scorer)
-        sigma_of = make_engine(a.options.engine, work, scorer, manifold, a.units, a.adapter.stages(work), a.device)
+        work, o = copy.deepcopy(a.model).to(a.device).eval(), a.options
+        sample_set = a.task.manifold(seed).to(a.device)
+        scorer, manifold, metric = self._metric(work, sample_set, a.scorer)
+        # a compensated cut (pruning.intervention) is judged as C-SWAP's is, its statistics from S
+        intervention = make_intervention(o.intervention, work, a.units, a.model, sample_set, o.ridge)
+        sigma_of = make_engine(o.engine, work, scorer, manifold, a.units, a.adapter.stages(work), a.device,
+                               intervention)
         current = metric(sigma_of.baseline())
         rng = np.random.default_rng(seed)
         removed, kept = [], []
@@ -60,9 +65,11 @@ class AMPCriterion(Criterion):
                     step.phase, step.category = RANKED, "kept"
                     kept.append(step)
         kept.sort(key=lambda s: s.score)
-        return Ranking(self.name, removed + kept, meta={
-            "seed": seed, "options": self.options.model_dump(), "engine": type(sigma_of).__name__,
-            "categories": {"removed": len(removed), "kept": len(kept)}})
+        meta = {"seed": seed, "options": self.options.model_dump(), "engine": type(sigma_of).__name__,
+                "categories": {"removed": len(removed), "kept": len(kept)}}
+        if o.intervention != "zero":  # the replay compensates the same way (cswap.replay)
+            meta.update(intervention=o.intervention, ridge=o.ridge)
+        return Ranking(self.name, removed + kept, meta=meta)
 
     def _metric(self, work: nn.Module, manifold: Manifold, scorer: ScoringFunction):
         """The per-sample scoring function, the sample set it reads (under `kl` the targets are

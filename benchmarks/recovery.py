@@ -1,0 +1,222 @@
+"""Recovery after removal and compensated cuts, measured (issue #16): which criterion, cut and
+repair keep a physically smaller model accurate without training.
+
+    python benchmarks/recovery.py                      # every model, 3 seeds on the demo, 1 elsewhere
+    python benchmarks/recovery.py --models demo --seeds 3
+    python benchmarks/recovery.py --quick              # demo only, 1 seed, 4 criteria: minutes
+
+For every model, criterion (C-SWAP's paper rule, `effect: absolute`, `intervention: mean`,
+`intervention: least_squares`, AMP with and without the compensated cut, C-BP, magnitude,
+DeepLIFT, random) and seed, one plan; every plan replayed at `--ratios` of the parameters under
+every recovery (none, bias, bn, least_squares, least_squares+bn; `bias` is left out for plans
+whose cut already folded the mean). Accuracy on the held-out split, SAUCE, the non-critical
+operating point of the C-SWAP rows, analysis time beside recovery time, and the largest Gram
+matrix a least-squares solve held. Calibration is the seed's S (the task's manifold split),
+never the evaluation data.
+
+Resumable: each plan and each (plan, recovery) curve is cached under --work and skipped when
+present (unless --force); the report is rebuilt from the caches every time, into
+docs/results/recovery.md, recovery.json, recovery.csv and recovery/<model>.png.
+
+Data: the demo ships with the package; the Fashion-MNIST models read the full Fashion-MNIST
+locally (`apt-get install dataset-fashion-mnist`, or CSWAP_FASHION_MNIST=DIR, see
+benchmarks/datasets.py) and their checkpoints in benchmarks/checkpoints/ (the commands that
+trained them are in their .json sidecars). Timings are from one process on a shared 2-core
+machine: compare them within a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.chdir(REPO_ROOT)
+
+import torch  # noqa: E402
+
+MODELS = {  # name -> packaged config ("demo") or a file of configs/
+    "demo": "demo",
+    "resnet20_w8": "configs/fashion_mnist_resnet20_w8.yaml",
+    "mobilenetv2": "configs/fashion_mnist_mobilenetv2.yaml",
+    "resnet20_w32": "configs/fashion_mnist_resnet20_w32.yaml",
+    "vit_p7_d128": "configs/fashion_mnist_vit_p7_d128.yaml",
+}
+# label -> (criterion, pruning options, test options)
+CRITERIA = {
+    "cswap (paper)": ("cswap", {}, {}),
+    "cswap absolute": ("cswap", {}, {"effect": "absolute"}),
+    "cswap mean": ("cswap", {"intervention": "mean"}, {}),
+    "cswap least_squares": ("cswap", {"intervention": "least_squares"}, {}),
+    "amp": ("amp", {}, {}),
+    "amp least_squares": ("amp", {"intervention": "least_squares"}, {}),
+    "cbp": ("cbp", {}, {}),
+    "magnitude": ("magnitude", {}, {}),
+    "deeplift": ("deeplift", {}, {}),
+    "random": ("random", {}, {}),
+}
+RECOVERIES = ("none", "bias", "bn", "least_squares", "least_squares+bn")
+RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def load_analysis(model: str):
+    from cswap.build import analysis_from_config
+    from cswap.config import load_config
+    from cswap.packaged import config_argument
+
+    if model != "demo":
+        from benchmarks.datasets import fashion_mnist_root
+
+        fashion_mnist_root()  # stops at once with the setup hint when the data is missing
+    cfg = load_config(config_argument(MODELS[model]), [])
+    analysis, _ = analysis_from_config(cfg)
+    return analysis
+
+
+def variant(analysis, pruning: dict, test: dict):
+    """The analysis with the criterion's pruning and test options."""
+    from cswap import registry
+
+    a = analysis
+    if test:
+        a = replace(a, test=registry.create("tests", "paired_t", {**a.test.options.model_dump(), **test}))
+    if pruning:
+        a = replace(a, options=a.options.model_copy(update=pruning))
+    return a
+
+
+def make_plan(analysis, label: str, seed: int, path: Path) -> dict:
+    """The criterion's plan for this seed (cached at `path`) and its analysis time."""
+    from cswap import registry
+    from cswap.plan import PruningPlan
+
+    if path.is_file():
+        return json.loads(path.read_text())
+    name, pruning, test = CRITERIA[label]
+    a = variant(analysis, pruning, test)
+    started = time.perf_counter()
+    ranking = registry.create("criteria", name).rank(a, seed)
+    plan = PruningPlan.from_ranking(a.model, a.units, ranking, adapter=a.adapter_name)
+    record = {"seconds": time.perf_counter() - started, "plan": plan.to_json()}
+    _write(path, record)
+    return record
+
+
+def replay_at_ratios(analysis, plan, seed: int, recovery: str, ratios) -> dict:
+    """Accuracy of the plan replayed (compensated as it was analysed) and repaired by
+    `recovery` at each reachable ratio, with the time recovery took at each."""
+    from cswap.replay import replay
+
+    a, metric = analysis, analysis.task.metric
+    sample_set = a.task.manifold(seed)
+    options = None if recovery == "none" else a.options.recovery.model_copy(update={"method": recovery})
+    removed = plan.cumulative_params_removed()
+    reachable = removed[-1] / plan.params_total
+    targets = [r for r in ratios if r <= reachable + 1e-12] + ([reachable] if ratios[-1] > reachable else [])
+    rows, done = [], {}
+    for r in targets:
+        k = len(plan.steps) if r == reachable else plan.prefix_for(r)
+        if k not in done:
+            out = replay(plan, a.model, k, adapter=a.adapter, graph=a.units, sample_set=sample_set,
+                         calibration=sample_set, recovery=options, ridge=plan.meta.get("ridge", a.options.ridge))
+            seconds = out.recovery.seconds if out.recovery else 0.0
+            done[k] = (a.task.evaluate(out.pruned, a.device)[metric], seconds)
+        rows.append({"target": round(float(r), 4), "params_ratio": removed[k] / plan.params_total, "steps": k,
+                     metric: done[k][0], "recovery_seconds": round(done[k][1], 4)})
+    if plan.num_noncritical:  # the paper's operating point: every non-critical unit, no target
+        k = plan.num_noncritical
+        out = replay(plan, a.model, k, adapter=a.adapter, graph=a.units, sample_set=sample_set,
+                     calibration=sample_set, recovery=options, ridge=plan.meta.get("ridge", a.options.ridge))
+        noncritical = {"params_ratio": removed[k] / plan.params_total,
+                       metric: a.task.evaluate(out.pruned, a.device)[metric]}
+    else:
+        noncritical = None
+    return {"rows": rows, "noncritical": noncritical}
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    tmp.replace(path)
+
+
+def run_model(model: str, criteria, seeds, recoveries, ratios, work: Path, force: bool) -> None:
+    from cswap.plan import PruningPlan
+
+    analysis = load_analysis(model)
+    unpruned_path = work / model / "unpruned.json"
+    if force or not unpruned_path.is_file():
+        _write(unpruned_path, {analysis.task.metric: analysis.task.evaluate(analysis.model, analysis.device)
+                               [analysis.task.metric], "params": sum(p.numel() for p in analysis.model.parameters()),
+                               "largest_gram": largest_gram(analysis)})
+    for label in criteria:
+        for seed in seeds:
+            stem = work / model / f"{label.replace(' ', '_')}-seed{seed}"
+            if force:
+                for old in stem.parent.glob(stem.name + "*"):
+                    old.unlink()
+            record = make_plan(analysis, label, seed, stem.with_suffix(".plan.json"))
+            plan = PruningPlan.from_json(record["plan"])
+            for recovery in recoveries:
+                if recovery.startswith("bias") and plan.compensated:
+                    continue  # the cut already folded the mean
+                path = Path(f"{stem}-{recovery}.json")
+                if not path.is_file():
+                    started = time.perf_counter()
+                    result = replay_at_ratios(analysis, plan, seed, recovery, ratios)
+                    _write(path, {**result, "seconds": time.perf_counter() - started})
+                print(f"{model} {label} seed {seed} {recovery}: done", flush=True)
+
+
+def largest_gram(analysis) -> dict:
+    """The widest input a least-squares solve sees (a reader's kept columns, k*k per channel
+    of a convolution, plus the bias column): the memory a Gram matrix and its inverse hold."""
+    from torch import nn
+
+    widest = max((m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] if isinstance(m, nn.Conv2d)
+                  else m.in_features, name) for name, m in analysis.model.named_modules()
+                 if isinstance(m, (nn.Conv2d, nn.Linear)))
+    columns = widest[0] + 1
+    return {"module": widest[1], "columns": columns, "bytes_float64": 2 * columns * columns * 8}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--criteria", default=",".join(CRITERIA), help="labels of CRITERIA, comma-separated")
+    p.add_argument("--recoveries", default=",".join(RECOVERIES))
+    p.add_argument("--seeds", type=int, default=None, help="seeds per model (default: 3 on the demo, 1 elsewhere)")
+    p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    p.add_argument("--work", type=Path, default=Path("runs/recovery_benchmark"))
+    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--quick", action="store_true", help="demo, 1 seed, 4 criteria, 3 recoveries")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.quick:
+        args.models, args.seeds, args.recoveries = "demo", 1, "none,bn,least_squares"
+        args.criteria = "cswap (paper),cswap least_squares,amp,magnitude"
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    criteria = [c.strip() for c in args.criteria.split(",")]
+    unknown = [c for c in criteria if c not in CRITERIA]
+    if unknown:
+        p.error(f"unknown criteria {unknown}; known: {', '.join(CRITERIA)}")
+    if not args.report_only:
+        for model in args.models.split(","):
+            seeds = range(args.seeds if args.seeds else (3 if model == "demo" else 1))
+            run_model(model, criteria, list(seeds), args.recoveries.split(","), ratios, args.work, args.force)
+    from benchmarks.recovery_report import write_report
+
+    print(write_report(args.work, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
