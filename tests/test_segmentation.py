@@ -215,6 +215,9 @@ def test_shipped_config_dry_run_without_checkpoint_or_data(mmseg, capsys):
     out = capsys.readouterr().out
     assert "random initialisation: weight file" in out and "is absent" in out
     assert "adapter    ddrnet" in out and "3840 in 30 layers" in out and "decode_head.conv_seg" in out
+    # no data here: the probe runs the example input, scaled to the nominal |S| (M_k x 19 classes)
+    assert "sample set |S| <= 152 samples (nominal)" in out and "engine     staged" in out
+    assert "over the example input scaled to the nominal |S| (no data here)" in out and "estimate   analysis about" in out
 
 
 # ---- one mmseg config setting; the labelIds-only mistake named -----------------------------

@@ -4,7 +4,9 @@ The state is the list of decisions so far (unit, category, xi, p-values), handed
 caller's `checkpoint` at most every `seconds` and after each layer, so an interrupted run
 loses at most those seconds. A resumed run visits the same units in the same order (the
 order comes from the seed), so its first decisions are replayed from the state instead of
-tested, and the plan is the one an uninterrupted run would give.
+tested, and the plan is the one an uninterrupted run would give. The state also carries the
+analysis seconds and passes over S spent so far, over every segment of a resumed run
+(`analysis_seconds`, `passes`), so a report can cover the whole analysis.
 """
 from __future__ import annotations
 
@@ -18,8 +20,12 @@ CATEGORIES = ("neutral", "detrimental", "critical", "untested")
 
 
 class Record:
-    def __init__(self, recorded: list[dict], checkpoint: Callable[[dict], None] | None = None, seconds: float = 2.0):
+    def __init__(self, recorded: list[dict], checkpoint: Callable[[dict], None] | None = None, seconds: float = 2.0,
+                 spent: dict | None = None):
         self.recorded = recorded
+        self.spent = {"analysis_seconds": 0.0, "passes": 0, **(spent or {})}  # by earlier segments
+        self.passes: Callable[[], int] = lambda: 0  # this segment's passes over S (the walk sets the engine's)
+        self.started = time.perf_counter()
         self.decisions: list[dict] = []
         self.removed: list[PlanStep] = []
         self.critical: list[PlanStep] = []
@@ -60,8 +66,13 @@ class Record:
 
     def save(self, force: bool = False) -> None:
         if self._checkpoint and (force or time.perf_counter() - self._last >= self._seconds):
-            self._checkpoint({"decisions": self.decisions})
+            self._checkpoint({"decisions": self.decisions, **self.totals()})
             self._last = time.perf_counter()
+
+    def totals(self) -> dict:
+        """Seconds and passes over S of the whole analysis so far, earlier segments included."""
+        return {"analysis_seconds": round(self.spent["analysis_seconds"] + time.perf_counter() - self.started, 3),
+                "passes": int(self.spent["passes"]) + self.passes()}
 
     def counts(self) -> dict[str, int]:
         return {k: self.categories.get(k, 0) for k in CATEGORIES}

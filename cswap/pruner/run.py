@@ -40,8 +40,9 @@ def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | Non
         log.warning("fast modes do not resume; the analysis starts again")
         recorded = []
     manifold = manifold if manifold is not None else analysis.task.manifold(seed)
+    spent = {k: (resume or {})[k] for k in ("analysis_seconds", "passes") if recorded and k in (resume or {})}
     while True:
-        record = Record(recorded, checkpoint, checkpoint_seconds)
+        record = Record(recorded, checkpoint, checkpoint_seconds, spent)
         try:
             return _walk(analysis, seed, manifold, record)
         except torch.OutOfMemoryError as exc:
@@ -53,6 +54,8 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
     started = time.perf_counter()
     trials = Trials(analysis, manifold)
     walk = Walk(analysis, trials, record, seed)
+    record.passes = lambda: trials.engine.passes
+    _announce(walk, analysis, manifold, trials.engine)
     fast = analysis.options.fast
     try:
         if fast.group_testing:
@@ -74,6 +77,17 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
     log.info("analysis (%s engine): %d passes over S in %.1f s%s", type(engine).__name__, engine.passes,
              time.perf_counter() - started, speculation.summary() if speculation and speculation.k > 1 else "")
     return record.ranking(meta)
+
+
+def _announce(walk: Walk, analysis: Analysis, manifold: Manifold, engine) -> None:
+    """|S| and the engine, in the log and on the console above the progress bar (not --quiet)."""
+    inner = getattr(engine, "engine", engine)  # a reduced-precision wrapper names its engine
+    kind = "full" if type(inner).__name__ == "FullForward" else "delta" if getattr(inner, "delta", False) else "staged"
+    precision = analysis.options.precision
+    text = (f"analysis: {analysis.units.num_units} units in {len(analysis.units.layers)} layers, "
+            f"|S| = {len(manifold)} samples, {kind} engine" + (f", {precision} trials" if precision != "fp32" else ""))
+    log.info(text)
+    walk.progress.note(text)
 
 
 def _halved(manifold: Manifold, exc: BaseException) -> Manifold:

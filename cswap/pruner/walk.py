@@ -27,6 +27,7 @@ class Walk:
         self.remaining = {layer.name: layer.channels for layer in analysis.units.layers}
         self.progress = Progress(analysis.units, analysis.progress)
         self._rng = np.random.default_rng(seed)  # one permutation per layer, in layer order
+        self._replayed = False  # the verdict being applied came from the resumed state
 
     def order(self, layer: Layer) -> list[Unit]:
         """The layer's units in the order they are tested: a seeded shuffle, then (opt-in)
@@ -45,6 +46,7 @@ class Walk:
         """The unit's verdict, recorded: replayed from a resumed run's state (no trial, no
         scores), or tested on the network as it stands."""
         replayed = self.record.replayed(unit)
+        self._replayed = replayed is not None
         if replayed is not None:
             return None, self.record.add(unit, replayed)
         star, decision = self.trials.test(unit, upcoming)
@@ -79,5 +81,5 @@ class Walk:
         log.info("%s: %d of %d units removed", layer.name, layer.channels - self.remaining[layer.name], layer.channels)
 
     def _advance(self, n: int) -> None:
-        self.progress.advance(n)
+        (self.progress.skip if self._replayed else self.progress.advance)(n)
         self.record.save()
