@@ -87,38 +87,75 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_curves(result: CurveResult, path: Path, title: str = "") -> Path:
-    """Mean metric vs mean parameters removed per criterion (band: ± std over seeds), Fig. 5 style."""
+# twelve colours that stay apart (tab10 without its red, plus two), C-SWAP's red kept for it
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+            "#000080", "#6b8e23", "#ff1493")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "*", "p", "d")  # 13: coprime with 12 colours
+_LINES = ("-", "--", "-.", ":")
+CSWAP_STYLE = {"color": "#d62728", "marker": "o", "linestyle": "-", "linewidth": 2.2, "zorder": 10}
+
+
+def curve_styles(labels) -> dict[str, dict]:
+    """A distinct (colour, marker, line style) per criterion, whatever their number; C-SWAP
+    (`cswap`, `cswap/layer`, ...) in its own red, thick and drawn above everything else."""
+    styles, k = {}, 0
+    for label in labels:
+        if label.split("/")[0] == "cswap" and not any(s["zorder"] == CSWAP_STYLE["zorder"] for s in styles.values()):
+            styles[label] = dict(CSWAP_STYLE)
+            continue
+        styles[label] = {"color": _COLOURS[k % len(_COLOURS)], "marker": _MARKERS[k % len(_MARKERS)],
+                         "linestyle": _LINES[k % len(_LINES)], "linewidth": 1.3, "zorder": 3}
+        k += 1
+    return styles
+
+
+def curve_figure(result: CurveResult, title: str = ""):
+    """Mean metric vs mean parameters removed per criterion (band: ± std over seeds), Fig. 5
+    style: one style per criterion (`curve_styles`), the legend outside the axes so it hides
+    no point, and y-limits around the data with a margin so no line lies on the frame."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label in dict.fromkeys(r["criterion"] for r in result.rows):
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    labels = list(dict.fromkeys(r["criterion"] for r in result.rows))
+    styles, low, high = curve_styles(labels), [100 * result.unpruned], [100 * result.unpruned]
+    for label in labels:
         mine = [r for r in result.rows if r["criterion"] == label]
-        targets = sorted({r["target_ratio"] for r in mine})
         x, y, s = [], [], []
-        for t in targets:
+        for t in sorted({r["target_ratio"] for r in mine}):
             pts = [r for r in mine if r["target_ratio"] == t]
-            x.append(100 * np.mean([p["params_ratio"] for p in pts]))
             vals = [100 * p[result.metric] for p in pts]
+            x.append(100 * np.mean([p["params_ratio"] for p in pts]))
             y.append(np.mean(vals))
             s.append(np.std(vals))
-        line, = ax.plot(x, y, marker=".", label=label)
-        ax.fill_between(x, np.array(y) - s, np.array(y) + s, color=line.get_color(), alpha=0.15)
-    ax.axhline(100 * result.unpruned, color="k", linestyle="--", linewidth=1, label="unpruned")
+        style = styles[label]
+        ax.plot(x, y, label=label, markersize=4, **style)
+        ax.fill_between(x, np.array(y) - s, np.array(y) + s, color=style["color"], alpha=0.12, zorder=style["zorder"] - 1)
+        low.append(min(np.array(y) - s))
+        high.append(max(np.array(y) + s))
+    ax.axhline(100 * result.unpruned, color="k", linestyle=(0, (4, 3)), linewidth=0.9, label="unpruned", zorder=2)
+    margin = max(1.0, 0.05 * (max(high) - min(low)))
+    ax.set_ylim(min(low) - margin, max(high) + margin)
+    ax.set_xlim(-2, 102)
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel(f"{result.metric} (%)")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     if title:
         ax.set_title(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(result: CurveResult, path: Path, title: str = "") -> Path:
+    """`curve_figure` written to `path` (the legend beside the axes included)."""
+    import matplotlib.pyplot as plt
+
+    fig = curve_figure(result, title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
