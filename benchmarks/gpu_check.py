@@ -211,12 +211,13 @@ def unit_batches_same_plan(analysis: Analysis, sizes: Sizes, reference: PruningP
 
 
 def real_out_of_memory(analysis: Analysis, reference: PruningPlan, peak_mb: float) -> dict:
-    """A ballast tensor takes the free GPU memory but a few times what the k = 1 run peaked at;
+    """A ballast tensor takes the free GPU memory but twice what the k = 1 run peaked at;
     64 units per pass then cannot fit: the batch must halve and the plan be the k = 1 plan."""
     import logging
 
+    torch.cuda.empty_cache()  # memory cached by torch's allocator counts as used in mem_get_info
     free, _ = torch.cuda.mem_get_info()
-    leave = int(3 * peak_mb * 2**20) + (64 << 20)
+    leave = int(2 * peak_mb * 2**20) + (64 << 20)
     ballast = torch.empty(max(0, free - leave), dtype=torch.uint8, device="cuda")
     lines: list[str] = []
     handler = logging.Handler(logging.WARNING)
