@@ -32,7 +32,7 @@ def _cmd_prune(args) -> int:
     from .reports import run_summary
     from .run import describe, run_prune
 
-    cfg = load_config(_config_path(args.config), args.set)
+    cfg = load_config(_config_path(args.config), _overrides(args))
     if args.dry_run:
         print(describe(cfg))
         return 0
@@ -48,7 +48,7 @@ def _cmd_demo(args) -> int:
     from .reports import run_summary
     from .run import run_prune
 
-    cfg = demo_config(samples_per_class=args.samples_per_class)
+    cfg = demo_config(samples_per_class=args.samples_per_class, overrides=_overrides(args))
     print("C-SWAP demo: CIFAR-style ResNet-8 trained on Fashion-MNIST (embedded), "
           f"S = {args.samples_per_class} images per class, alpha = 0.05, per-class voting")
     run_dir = run_prune(cfg, args.out, progress=not args.quiet)
@@ -56,6 +56,14 @@ def _cmd_demo(args) -> int:
     print(ratio_table(run_dir))
     print(f"run directory: {run_dir}  (plan.json, pruned_model.pt, report.json, log.txt)")
     return 0
+
+
+def _overrides(args) -> list[str]:
+    """`--preset NAME`'s overrides, then the user's `--set`s (which win)."""
+    from .options import PRESETS
+
+    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
+    return [f"{key}={value}" for key, value in preset.items()] + list(getattr(args, "set", []))
 
 
 def _config_path(text) -> Path:
@@ -118,7 +126,7 @@ def _cmd_curve(args) -> int:
     from .curves import curve_from_config, parse_criteria, parse_ratios
     from .reports import sauce_markdown
 
-    cfg = load_config(_config_path(args.config), args.set)
+    cfg = load_config(_config_path(args.config), _overrides(args))
     specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
     for spec in specs:  # a missing optional extra (captum, zennit) fails now, not after the first criteria
         registry.check_requirements("criteria", spec.name, registry.load("criteria", spec.name))
@@ -135,7 +143,7 @@ def _cmd_sweep(args) -> int:
     from .reports import write_sweep_outputs
     from .sweep import run_sweep, settings
 
-    cfg = load_config(_config_path(args.config), args.set)
+    cfg = load_config(_config_path(args.config), _overrides(args))
     samples = _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class else [None]
     grid = settings(_split(args.alpha, float, "--alpha"), samples, _test_grid(args.test_option))
     out = args.out or cfg.output.dir / f"{cfg.name}-sweep"
@@ -234,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="folder to write (cityscapes/, ddrnet_tiny.pth, config.yaml)")
     s.add_argument("--train-steps", type=int, default=40, help="Adam steps of the tiny DDRNet (0: random weights)")
     s.set_defaults(func=_cmd_fixture)
+    from .options import PRESETS
+
+    for name in ("prune", "demo", "curve", "sweep"):
+        sub.choices[name].add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset "
+                                       "(paper: the published Algorithm 1, zero cut, no recovery); --set wins")
     for sub_parser in sub.choices.values():
         sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p

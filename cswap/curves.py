@@ -27,6 +27,7 @@ from .errors import ConfigError, ModelError
 from .interfaces import Analysis, Task
 from .plan import PruningPlan
 from .removal import count_params
+from .replay import calibration_for
 from .reports import CurveResult, write_curve_outputs
 from .sauce import sauce
 
@@ -131,8 +132,7 @@ def replay_data(analysis: Analysis, seed: int) -> dict:
     calibration data and the recovery of the run's options."""
     recovery = analysis.options.recovery
     sample_set = analysis.task.manifold(seed)
-    calibration = sample_set if recovery.calibration_samples_per_class is None else \
-        analysis.task.manifold(seed, recovery.calibration_samples_per_class)
+    calibration = calibration_for(analysis.task, seed, recovery, sample_set)
     return {"sample_set": sample_set, "calibration": calibration, "recovery": recovery if recovery.methods else None}
 
 

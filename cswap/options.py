@@ -16,6 +16,12 @@ ENGINES = ("auto", "staged", "delta", "full")
 PRECISIONS = ("fp32", "tf32", "bf16")
 INTERVENTIONS = ("zero", "mean", "least_squares")
 RECOVERIES = ("bias", "bn", "least_squares")
+# Named starting points, as config overrides applied before the user's own (`--preset NAME`,
+# `PruningOptions.preset(NAME)`). The defaults are what benchmarks/recovery.py chose; `paper`
+# is Algorithm 1 exactly as published: the zero cut, nothing repaired after removal.
+PRESETS = {
+    "paper": {"pruning.intervention": "zero", "pruning.recovery": "none"},
+}
 
 
 class _Options(BaseModel):
@@ -113,6 +119,14 @@ class PruningOptions(_Options):
     recovery: RecoveryOptions = Field(RecoveryOptions(), description="repairs after removal (cswap/recovery.py)")
     ridge: float = Field(1e-3, gt=0, description="ridge of every least-squares solve (intervention and recovery), "
                          "relative to the mean diagonal of the Gram matrix")
+
+    @classmethod
+    def preset(cls, name: str, **options) -> "PruningOptions":
+        """The options of a named preset (`PRESETS`), with `options` on top."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        chosen = {k.split(".", 1)[1]: v for k, v in PRESETS[name].items() if k.startswith("pruning.")}
+        return cls(**{**chosen, **options})
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -41,6 +41,9 @@ from .readers import (BATCHNORM, Reader, columns, features, features_of_channels
 
 log = logging.getLogger("cswap")
 
+SAMPLES_PER_CHUNK = 32  # e.g. 32 x 28 x 28 patch rows x 577 columns in float64: 115 MB at most
+
+
 @dataclass
 class RecoveryReport:
     methods: tuple[str, ...]
@@ -64,15 +67,18 @@ def recover(cut: nn.Module, original: nn.Module, graph: UnitGraph, units: Sequen
     readers = find_readers(cut, graph, units, calibration[0][:1])
     report.readers = len(readers)
     cut.eval()
+    # a convolution's input patches are (samples x positions) rows: small chunks of samples
+    # bound the memory of every solve (the Gram matrix itself is columns x columns)
+    chunks = [part for x in calibration for part in x.split(SAMPLES_PER_CHUNK)]
     for method in methods:
         if method == "bn":
             report.batchnorms = reestimate_batchnorm(cut, original, calibration)
             continue
-        snapshot = None if sequential else _InputSnapshot(cut, readers, calibration)
+        snapshot = None if sequential else _InputSnapshot(cut, readers, chunks)
         bar = tqdm(readers, desc=f"recovery ({method})", unit="layer", disable=not progress)
         for reader in bar:
             why = (fold_means if method == "bias" else refit_least_squares)(
-                reader, cut, original, calibration, snapshot=snapshot, ridge=ridge)
+                reader, cut, original, chunks, snapshot=snapshot, ridge=ridge)
             if why:
                 report.skipped[f"{method}:{reader.name}"] = why
     report.seconds = time.perf_counter() - started

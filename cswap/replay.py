@@ -34,6 +34,14 @@ class Replayed:
     seconds: float
 
 
+def calibration_for(task, seed: int, recovery: RecoveryOptions | None, sample_set: Manifold) -> Manifold:
+    """The data a recovery repairs on: S itself, or a larger draw from S's own split
+    (`calibration_samples_per_class`): never the evaluation data."""
+    if recovery is None or recovery.calibration_samples_per_class is None:
+        return sample_set
+    return task.manifold(seed, recovery.calibration_samples_per_class)
+
+
 def needs_cut_model(plan, recovery: RecoveryOptions | None) -> bool:
     return plan.meta.get("intervention", "zero") != "zero" or bool(recovery and recovery.methods)
 

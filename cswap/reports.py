@@ -32,6 +32,11 @@ def run_summary(report: dict) -> str:
         (f"{metric} (held-out{', ' + str(b['eval_samples']) + ' samples' if 'eval_samples' in b else ''})",
          f"{b[metric]:.2%}", f"{a[metric]:.2%}", f"{(a[metric] - b[metric]) * 100:+.2f} pt"),
     ]
+    recovery = report.get("recovery")
+    if recovery:  # what the closed-form repair did: the same removal without it
+        unrepaired = recovery[metric + "_before"]
+        rows.insert(-1, (f"{metric}, before recovery ({recovery['methods']})", f"{b[metric]:.2%}",
+                         f"{unrepaired:.2%}", f"{(unrepaired - b[metric]) * 100:+.2f} pt"))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'original':>12}  {'pruned':>12}  {'change':>9}"]
     lines += [f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}  {r[3]:>9}" for r in rows]
@@ -41,7 +46,8 @@ def run_summary(report: dict) -> str:
         f"{c.get('detrimental', 0)} detrimental, {c.get('critical', 0)} critical, "
         f"{c.get('untested', 0)} kept as last of their layer; {report['units_removed']} removed"
     )
-    lines.append(f"analysis {report['analysis_seconds']:.1f} s, total {report['total_seconds']:.1f} s")
+    repair = f", recovery {recovery['seconds']:.1f} s" if recovery else ""
+    lines.append(f"analysis {report['analysis_seconds']:.1f} s{repair}, total {report['total_seconds']:.1f} s")
     return "\n".join(lines)
 
 

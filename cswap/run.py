@@ -33,7 +33,7 @@ from .interrupt import deferred, interruptible
 from .metrics import compare_costs
 from .plan import PruningPlan
 from .pruner import progressive_prune
-from .replay import replay
+from .replay import calibration_for, replay
 from .removal import count_params
 from .rundir import STATE_FILE, RunLock, partial_of
 
@@ -67,6 +67,9 @@ def describe(cfg: RunConfig) -> str:
     lines.append((f"would run  fast modes {', '.join(modes)} on {graph.num_units} units (the plan may differ from the "
                   "exact one)" if modes else f"would run  one forward pass over S per unit ({graph.num_units} units)")
                  + (f", then replay to target {target}" if target else ", then remove non-critical units"))
+    from .estimate import estimate
+
+    lines += estimate(a, cfg.seed).lines()  # |S|, engine, trials, a probe pass and the time it implies
     return "\n".join(lines)
 
 
@@ -307,8 +310,7 @@ def _deploy(cfg: RunConfig, setup: Setup, plan: PruningPlan, out: Path, progress
     model, recovery = a.model, cfg.pruning.recovery
     plan = plan.aligned(cfg.pruning.round_to)
     k, latency_search = _steps_for_target(cfg, plan, model, out, a.adapter)
-    calibration = manifold if recovery.calibration_samples_per_class is None else \
-        a.task.manifold(cfg.seed, recovery.calibration_samples_per_class)
+    calibration = calibration_for(a.task, cfg.seed, recovery, manifold)
     replayed = replay(plan, model, k, adapter=a.adapter, graph=a.units, sample_set=manifold, calibration=calibration,
                       recovery=recovery, ridge=cfg.pruning.ridge, progress=progress)
     pruned = replayed.pruned

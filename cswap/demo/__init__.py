@@ -14,24 +14,31 @@ DEMO_DIR = Path(__file__).parent
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 
 
-def demo_config(samples_per_class: int = 32) -> RunConfig:
-    """The packaged demo config, with its own M_k changed if asked."""
-    return load_config(DEMO_CONFIG, [f"task.options.samples_per_class={samples_per_class}"])
+def demo_config(samples_per_class: int = 32, overrides: list[str] = ()) -> RunConfig:
+    """The packaged demo config, with its own M_k changed if asked, and `overrides` on top."""
+    return load_config(DEMO_CONFIG, [f"task.options.samples_per_class={samples_per_class}", *overrides])
 
 
-def ratio_table(run_dir: Path, ratios=(0.1, 0.2, 0.3, 0.4, 0.5)) -> str:
+def ratio_table(run_dir: Path, ratios=(0.3, 0.5, 0.6, 0.7)) -> str:
     """Accuracy when the run's plan is replayed to larger targets: critical units go too,
-    least beneficial first. Replays are cheap; the analysis is never redone."""
+    least beneficial first, compensated and repaired as the run was. Replays are cheap; the
+    analysis is never redone."""
     from ..build import build_model, build_task, resolve_adapter
     from ..plan import PruningPlan
+    from ..replay import calibration_for
 
     cfg = parse_config(load_config_text((run_dir / "config.yaml").read_text(), run_dir / "config.yaml"))
     model, _ = build_model(cfg.model)
     task = build_task(cfg.task)
     _, adapter = resolve_adapter(cfg.adapter, model)
     plan = PruningPlan.load(run_dir / "plan.json")
+    sample_set, recovery = task.manifold(cfg.seed), cfg.pruning.recovery
+    calibration = calibration_for(task, cfg.seed, recovery, sample_set)
     cells = []
     for r in ratios:
-        acc = task.evaluate(plan.apply(model, params_ratio=r, adapter=adapter))["accuracy"]
+        pruned = plan.apply(model, params_ratio=r, adapter=adapter, sample_set=sample_set, calibration=calibration,
+                            recovery=recovery if recovery.methods else None)
+        acc = task.evaluate(pruned)["accuracy"]
         cells.append(f"{r:.0%}: {acc:.1%}")
-    return "replaying the plan to a parameter target (accuracy): " + ", ".join(cells)
+    repair = f", recovery {recovery.method}" if recovery.methods else ""
+    return f"replaying the plan to a parameter target (accuracy{repair}): " + ", ".join(cells)
