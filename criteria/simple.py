@@ -43,6 +43,10 @@ class MagnitudeCriterion(RankingCriterion):
 
     def scores(self, analysis: Analysis, seed: int) -> dict[str, np.ndarray]:
         model, units = analysis.model, analysis.units
+        if analysis.adapter.removes_units:  # e.g. ViT heads: not channels torch-pruning can group
+            raise ModelError(f"criterion magnitude scores torch-pruning channel groups; adapter "
+                             f"{analysis.adapter_name} prunes units of its own (e.g. attention heads): use random, "
+                             "amp, cswap or an attribution criterion")
         importance = tp.importance.GroupMagnitudeImportance(
             p=self.options.p, group_reduction=self.options.group_reduction, normalizer=None)
         x = torch.zeros((1, *units.input_shape), device=next(model.parameters()).device)

@@ -45,6 +45,21 @@ def check(precision: str, device) -> None:
 
 
 @contextlib.contextmanager
+def exact_fp32(device) -> Iterator[None]:
+    """fp32 that is fp32: torch lets cuDNN convolutions use TF32 by default, so on CUDA both
+    TF32 flags are off for the block (restored after); elsewhere nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@contextlib.contextmanager
 def arithmetic(precision: str, device) -> Iterator[None]:
     """The block's forwards in `precision`: fp32 unchanged; tf32 allows TF32 in CUDA matmuls and
     cuDNN convolutions (restored after); bf16 runs under autocast on the device's type."""

@@ -240,3 +240,23 @@ def test_lrp_refuses_untraceable_models():
 
     with pytest.raises(ModelError, match="FX-traceable"):
         residual_sums_as_modules(Branchy())
+
+
+def test_magnitude_refuses_attention_heads_with_the_reason():
+    """ViT heads are the adapter's own units, not torch-pruning channel groups: one clear
+    error naming the adapter and what to use instead (was a raw torch-pruning ValueError)."""
+    timm = pytest.importorskip("timm")
+    from cswap import registry
+    from cswap.build import analysis_for
+    from cswap.errors import ModelError
+    from cswap.options import PruningOptions
+    from cswap.tasks.classification import ClassificationTask
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, in_chans=1,
+                              embed_dim=16, depth=2, num_heads=2, mlp_ratio=2, num_classes=3).eval()
+    task = ClassificationTask.from_tensors(torch.randn(24, 1, 8, 8), torch.arange(3).repeat(8), samples_per_class=8)
+    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False))
+    assert a.adapter_name == "vit"
+    with pytest.raises(ModelError, match="adapter vit prunes units of its own"):
+        registry.create("criteria", "magnitude").rank(a, 0)

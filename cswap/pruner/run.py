@@ -15,6 +15,7 @@ import torch
 
 from ..errors import ResourceError
 from ..interfaces import Analysis, Manifold, Ranking
+from ..precision import exact_fp32
 from .algorithm import algorithm1
 from .fast import group_testing
 from .record import Record
@@ -44,7 +45,8 @@ def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | Non
     while True:
         record = Record(recorded, checkpoint, checkpoint_seconds, spent)
         try:
-            return _walk(analysis, seed, manifold, record)
+            with exact_fp32(analysis.device):  # the baseline and every fp32 trial (cuDNN would use TF32)
+                return _walk(analysis, seed, manifold, record)
         except torch.OutOfMemoryError as exc:
             recorded = list(record.decisions) if len(record.decisions) > len(recorded) else recorded
             manifold = _halved(manifold, exc)
