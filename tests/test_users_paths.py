@@ -3,6 +3,7 @@
 channels-last images) instead of failing far from the cause."""
 from __future__ import annotations
 
+import json
 from importlib.metadata import version
 from pathlib import Path
 
@@ -79,3 +80,29 @@ def test_channels_last_images_are_named():
     with pytest.raises(ModelError, match=r"channels last \(N, H, W, C\).*reads 1 channels on dim 1.*permute\(0, 3, 1, 2\)"):
         cswap.analyze(model, (nhwc, y), samples_per_class=4, progress=False)
     assert torch.equal(nhwc.permute(0, 3, 1, 2), x)  # the fix the message gives
+
+
+@pytest.mark.slow
+def test_installed_copy_runs_a_packaged_config_outside_the_checkout(tmp_path):
+    """A non-editable install into a fresh venv, used from a folder that is not the clone:
+    the configs are listed, the demo's copy runs (about 40 s: the install and one run)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", str(repo)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def cswap(*args):
+        return subprocess.run([str(venv / "bin" / "cswap"), *args], cwd=elsewhere, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert "ddrnet23s_cityscapes" in cswap("config")
+    text = cswap("config", "demo")
+    assert str(venv) in text and str(repo) not in text  # the installed copy's shipped files
+    (elsewhere / "my.yaml").write_text(text)
+    cswap("prune", "my.yaml", "--out", "r", "--quiet")
+    assert json.loads((elsewhere / "r" / "report.json").read_text())["after"]["params"] > 0
