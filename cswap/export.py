@@ -18,16 +18,10 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelError
-from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
+from .files import load_checkpoint, save_state_dict_atomic, write_native, write_text_atomic
 from .plan import PruningPlan
 
 PRUNED_INFO = "pruned.json"
-
-
-def write_native(model: nn.Module, folder: Path) -> list[Path]:
-    """The files of the model family's own format, when its class defines `save_native`."""
-    save = getattr(type(model), "save_native", None)  # a model, not a plugin: an optional method of its class
-    return list(save(model, Path(folder))) if save is not None else []
 
 
 def save_pruned(folder: str | Path, model: nn.Module, plan: PruningPlan, *, params_ratio: float | None = None,

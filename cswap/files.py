@@ -116,3 +116,10 @@ def _unreadable(path: Path, exc: Exception, allow_pickle: bool) -> str:
     if archive or pickle or head == b"PK":
         return f"cannot read checkpoint {path} (truncated or corrupt?): {describe_os_error(exc)}"
     return f"checkpoint {path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+
+
+def write_native(model, folder: str | Path) -> list[Path]:
+    """The files of the model family's own format beside ours, when its class defines
+    `save_native(folder)` (mmseg's `SegLogits` writes an mmseg checkpoint and config)."""
+    save = getattr(type(model), "save_native", None)  # a model, not a plugin: an optional method of its class
+    return list(save(model, Path(folder))) if save is not None else []

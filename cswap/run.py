@@ -26,8 +26,7 @@ from .config import RunConfig, dump_config, load_config_text, parse_config
 from .coverage import check_coverage
 from .distributed import is_main_process
 from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
-from .export import write_native
-from .files import load_checkpoint, save_state_dict_atomic, write_text_atomic
+from .files import load_checkpoint, save_state_dict_atomic, write_native, write_text_atomic
 from .interfaces import Analysis, Manifold
 from .interrupt import deferred, interruptible
 from .metrics import compare_costs
