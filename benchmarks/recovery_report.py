@@ -174,6 +174,8 @@ def write_report(work: Path, out: Path) -> str:
              "ratios 0, 0.1, …, 0.9 of parameters removed (and the plan's last reachable point). One process, one "
              "torch thread, on a shared 2-core machine (not idle): compare times within a table.", ""]
     for model, s in summary.items():
+        if not s["rows"]:
+            continue  # started, nothing replayed yet
         lines += _model_markdown(model, s)
         lines += [f"![{model}](recovery/{_plot(model, models, s, out).name})", ""]
     text = "\n".join(lines)
