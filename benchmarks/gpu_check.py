@@ -38,7 +38,6 @@ import dataclasses
 import json
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -55,6 +54,7 @@ from cswap.build import analysis_for  # noqa: E402
 from cswap.interfaces import Analysis, UnitGraph  # noqa: E402
 from cswap.options import PruningOptions  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
+from cswap.precision import tf32_allowed  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.pruner.trials import Trials  # noqa: E402
 from cswap.tasks.classification import ClassificationTask  # noqa: E402
@@ -112,17 +112,6 @@ SMOKE = Sizes("cpu", 2, 16, _tiny_resnet, {
 
 
 # ---- helpers ------------------------------------------------------------------------------
-@contextmanager
-def strict_fp32():
-    """fp32 that is fp32: torch allows TF32 in cuDNN convolutions by default on Ampere and later."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 def random_task(sizes: Sizes) -> ClassificationTask:
     """S: M_k random 3 x side x side images of each of 10 classes (seeded)."""
     g = torch.Generator().manual_seed(0)
@@ -176,7 +165,7 @@ def cut_equals_removal(sizes: Sizes) -> dict:
         model = prepare(model, torch.randn_like(x)).to(sizes.device)
         started = time.perf_counter()
         try:
-            with strict_fp32():
+            with tf32_allowed(False):
                 numbers = check_cut_equals_removal(model, x.to(sizes.device), per_layer=2, max_layers=6, verify=True)
             out[name] = {"ok": True, **{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in numbers.items()}}
         except AssertionError as exc:
@@ -296,7 +285,7 @@ def check(sizes: Sizes, out: Path) -> dict:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     env = environment(sizes)
-    with strict_fp32():
+    with tf32_allowed(False):
         correctness = {"cut_equals_removal": cut_equals_removal(sizes)}
         model = timing_model(sizes)
         analysis = analysis_for(model, random_task(sizes), device=sizes.device,

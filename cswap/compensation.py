@@ -198,14 +198,19 @@ class _Compensated(Intervention):
     def _compensate(self, units: Sequence[Unit], permanent: bool) -> None:
         raise NotImplementedError
 
+    def _statistics(self, units: Sequence[Unit]) -> dict[str, torch.Tensor]:
+        """Per reader of the units' layers, its statistic on S (measured on first use)."""
+        out: dict[str, torch.Tensor] = {}
+        for layer in sorted({u.layer for u in units}):
+            out.update(self.stats.of(self.layers[layer]))
+        return out
+
 
 class MeanIntervention(_Compensated):
     """`mean`: the readers see the unit's mean over S instead of zero (see the module docstring)."""
 
     def _compensate(self, units: Sequence[Unit], permanent: bool) -> None:
-        means: dict[str, torch.Tensor] = {}
-        for layer in {u.layer for u in units}:
-            means.update(self.stats.of(self.layers[layer]))
+        means = self._statistics(units)
         for reader, feats in self._reader_slices(units).items():
             weight = self.modules[reader].weight.detach()
             idx = torch.tensor(feats, device=weight.device)
@@ -217,9 +222,7 @@ class LeastSquaresIntervention(_Compensated):
     """`least_squares`: the structured OBS update of every reader (see the module docstring)."""
 
     def _compensate(self, units: Sequence[Unit], permanent: bool) -> None:
-        grams: dict[str, torch.Tensor] = {}
-        for layer in {u.layer for u in units}:
-            grams.update(self.stats.of(self.layers[layer]))
+        grams = self._statistics(units)
         for reader, feats in self._reader_slices(units).items():
             m, sink = self.modules[reader], self.stats.sink(reader)
             h = grams[reader]

@@ -45,18 +45,20 @@ def check(precision: str, device) -> None:
 
 
 @contextlib.contextmanager
-def exact_fp32(device) -> Iterator[None]:
-    """fp32 that is fp32: torch lets cuDNN convolutions use TF32 by default, so on CUDA both
-    TF32 flags are off for the block (restored after); elsewhere nothing changes."""
-    if torch.device(device).type != "cuda":
-        yield
-        return
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions with TF32 allowed or not for the block (restored after)."""
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def exact_fp32(device):
+    """fp32 that is fp32: torch lets cuDNN convolutions use TF32 by default, so on CUDA both
+    TF32 flags are off for the block; elsewhere nothing changes."""
+    return tf32_allowed(False) if torch.device(device).type == "cuda" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -68,12 +70,8 @@ def arithmetic(precision: str, device) -> Iterator[None]:
         return
     check(precision, device)
     if precision == "tf32":
-        flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
+        with tf32_allowed(True):
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
         return
     with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
         yield
