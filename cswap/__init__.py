@@ -25,11 +25,12 @@ from .interfaces import (
 )
 from .options import FastOptions, PruningOptions
 from .plan import PruningPlan
-from .run import load_pruned, run_prune
+from .export import load_pruned, save_pruned
+from .run import run_prune
 
 __version__ = "0.1.0"
 __all__ = [
-    "analyze", "load_pruned", "run_prune", "PruningPlan", "PruningOptions", "FastOptions", "PlanStep", "Ranking",
+    "analyze", "load_pruned", "save_pruned", "run_prune", "PruningPlan", "PruningOptions", "FastOptions", "PlanStep", "Ranking",
     "Unit", "UnitGraph", "Analysis", "ArchitectureAdapter", "Criterion", "Decision", "Manifold", "Scores",
     "ScoringFunction", "SignificanceTest", "Task",
 ]

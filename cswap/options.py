@@ -57,7 +57,7 @@ class RecoveryOptions(_Options):
     """`pruning.recovery`: repairs after removal, in closed form, on unlabeled calibration data
     (cswap/recovery.py). A plain string is the method: `pruning.recovery: least_squares+bn`."""
 
-    method: str = Field("none", description="none, or bias, bn, least_squares joined by '+' (applied in that "
+    method: str = Field("least_squares", description="none, or bias, bn, least_squares joined by '+' (applied in that "
                         "order): fold the removed units' mean into their readers' biases; re-estimate the "
                         "BatchNorm statistics; re-fit the readers' kept weights to the unpruned outputs")
     sequential: bool = Field(True, description="re-fit readers in network order, each on the inputs the repaired "

@@ -298,7 +298,9 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
         return {}
     plan.save(out / "plan.json")
     report = _deploy(cfg, setup, plan, out, progress)
-    report.update(analysis_seconds=round(analysis_seconds, 3), total_seconds=round(time.perf_counter() - started, 3))
+    totals = latest.get("state", {})  # cumulative over every segment of a resumed run (cswap/pruner/record.py)
+    report.update(analysis_seconds=round(max(totals.get("analysis_seconds", 0.0), analysis_seconds), 3),
+                  analysis_passes=totals.get("passes"), total_seconds=round(time.perf_counter() - started, 3))
     return report
 
 

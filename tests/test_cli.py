@@ -34,11 +34,18 @@ def test_prune_end_to_end(config, tmp_path, capsys):
     code = f"import cswap; m = cswap.load_pruned({str(out)!r}); print(sum(p.numel() for p in m.parameters()))"
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(fresh.stdout.strip()) == report["after"]["params"]
-    # and equals the plan replayed here
+    # and equals the plan replayed here, repaired as the run was (the default recovery, on S)
+    from cswap.build import build_task
+    from cswap.config import load_config
+
+    cfg = load_config(config)
+    assert report["recovery"]["methods"] == cfg.pruning.recovery.method == "least_squares"
     reloaded = cswap.load_pruned(out)
     model = cifar_resnet8(width=4, in_channels=1, num_classes=3)
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    replayed = cswap.PruningPlan.load(out / "plan.json").apply(model.eval(), 0.3)
+    sample_set = build_task(cfg.task).manifold(cfg.seed)
+    replayed = cswap.PruningPlan.load(out / "plan.json").apply(model.eval(), 0.3, sample_set=sample_set,
+                                                                recovery=cfg.pruning.recovery)
     x = torch.randn(4, 1, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), replayed(x))

@@ -66,6 +66,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_plan(slow_config, tmp_path)
     assert main(["prune", str(slow_config), "--resume", str(run), "--quiet"]) == 0
     assert (run / "plan.json").read_bytes() == expected
     assert not (run / "analysis_state.json").exists() and not run.with_name("killed.partial").exists()
+    # the report covers the whole analysis: both segments' passes over S (a replayed decision costs none)
+    whole, resumed = (json.loads((d / "report.json").read_text()) for d in (tmp_path / "whole", run))
+    assert resumed["analysis_passes"] >= whole["analysis_passes"] > 0
 
 
 def test_resume_refuses_a_different_config(slow_config, tmp_path, capsys):
