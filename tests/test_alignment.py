@@ -116,3 +116,25 @@ def test_round_to_option_is_validated():
     assert np.isclose(cswap.PruningOptions(latency_ratio=1.5).latency_ratio, 1.5)
     with pytest.raises(ValueError, match="one replay target"):
         cswap.PruningOptions(latency_ratio=1.5, params_ratio=0.3)
+
+
+def test_cswap_prune_with_round_to_saves_and_reloads_aligned_widths(config, tmp_path):
+    """`cswap prune` replays aligned (`pruning.round_to`), records it, and `load_pruned`
+    rebuilds the same widths: every pruned layer a multiple of 4 (the fixture is 4-8 wide)."""
+    import json
+
+    from torch import nn
+
+    from cswap.cli import main
+
+    out = tmp_path / "aligned"
+    assert main(["prune", str(config), "--out", str(out), "--quiet", "--set", "pruning.round_to=4",
+                 "--set", "model.kwargs={width: 8, in_channels: 1, num_classes: 3}", "--set", "model.weights=null",
+                 "--set", "pruning.params_ratio=0.4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["round_to"] == 4 and report["params_removed_ratio"] >= 0.4
+    model = cswap.load_pruned(out)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    original = [m.out_channels for m in cifar_resnet8(width=8, in_channels=1, num_classes=3).modules()
+                if isinstance(m, nn.Conv2d)]
+    assert widths != original and all(w % 4 == 0 for w in widths)
