@@ -131,7 +131,8 @@ def _cmd_curve(args) -> int:
     for spec in specs:  # a missing optional extra (captum, zennit) fails now, not after the first criteria
         registry.check_requirements("criteria", spec.name, registry.load("criteria", spec.name))
     out = args.out or cfg.output.dir / f"{cfg.name}-curve"
-    result, files = curve_from_config(cfg, specs, args.seeds, parse_ratios(args.ratios), out, progress=not args.quiet)
+    result, files = curve_from_config(cfg, specs, args.seeds, parse_ratios(args.ratios), out, progress=not args.quiet,
+                                      latency=args.latency)
     print(sauce_markdown(result, f"SAUCE: {cfg.name}"))
     print("written: " + ", ".join(str(p) for p in files.values()))
     return 0
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criterion-options", metavar="JSON", help='options by criterion, e.g. \'{"amp": {"tau": 0.02}}\'')
     s.add_argument("--seeds", type=int, default=3, help="seeds config.seed, config.seed+1, ...")
     s.add_argument("--ratios", help="parameter ratios (default 0,0.05,...,0.95)")
+    s.add_argument("--latency", action="store_true", help="also time every replayed model against the original "
+                   "(batch 1, in turns, on this device) and plot accuracy vs measured speed-up (curve_latency.png)")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
     s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-curve)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

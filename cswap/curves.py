@@ -25,6 +25,7 @@ from .build import analysis_from_config
 from .config import RunConfig
 from .errors import ConfigError, ModelError
 from .interfaces import Analysis, Task
+from .metrics import latencies_ms
 from .plan import PruningPlan
 from .removal import count_params
 from .replay import calibration_for
@@ -78,30 +79,36 @@ def parse_ratios(text: str | None) -> tuple[float, ...]:
 
 
 def replay_curve(model: nn.Module, plan: PruningPlan, task: Task, ratios, adapter, metric: str, unpruned: float,
-                 *, sample_set=None, calibration=None, recovery=None) -> list[dict]:
+                 *, sample_set=None, calibration=None, recovery=None, latency_inputs=None) -> list[dict]:
     """The metric at each target ratio the plan can reach, then once at its full length; each
     model replayed as `PruningPlan.apply_prefix` does (compensated with `sample_set`,
-    repaired by `recovery` on `calibration`)."""
+    repaired by `recovery` on `calibration`). With `latency_inputs`, also its measured
+    speed-up over `model` on them (timed in turns with it: `metrics.latencies_ms`)."""
     removed = plan.cumulative_params_removed()
     reachable = removed[-1] / max(plan.params_total, 1)
     targets = [r for r in ratios if r <= reachable + 1e-12]
     if len(targets) < len(ratios):
         targets.append(reachable)
-    rows, cache = [], {0: unpruned}
+    rows, cache, speedups = [], {0: unpruned}, {0: 1.0}
     for r in targets:
         k = len(plan.steps) if r == reachable else plan.prefix_for(r)
         if k not in cache:
             pruned = plan.apply_prefix(model, k, adapter=adapter, sample_set=sample_set, calibration=calibration,
                                        recovery=recovery)
             cache[k] = task.evaluate(pruned)[metric]
-        rows.append({"target_ratio": round(float(r), 6), "params_ratio": removed[k] / plan.params_total,
-                     "steps": k, metric: cache[k]})
+            if latency_inputs is not None:
+                original, small = latencies_ms([model, pruned], latency_inputs, min_seconds=0.3)
+                speedups[k] = original / small
+        row = {"target_ratio": round(float(r), 6), "params_ratio": removed[k] / plan.params_total, "steps": k,
+               metric: cache[k]}
+        rows.append({**row, "speedup": round(speedups[k], 4)} if latency_inputs is not None else row)
     return rows
 
 
 def run_curves(analysis: Analysis, specs: list[CriterionSpec], seeds: list[int], ratios=DEFAULT_RATIOS, *,
-               plans_dir: Path | None = None) -> CurveResult:
-    """Rank with every criterion and seed, replay each plan at `ratios`, measure, and score."""
+               plans_dir: Path | None = None, latency: bool = False) -> CurveResult:
+    """Rank with every criterion and seed, replay each plan at `ratios`, measure, and score;
+    `latency`: also each point's measured speed-up at batch 1 on the analysis's device."""
     a = analysis
     metric = a.task.metric
     a.model.eval()
@@ -117,7 +124,8 @@ def run_curves(analysis: Analysis, specs: list[CriterionSpec], seeds: list[int],
         seconds = time.perf_counter() - started
         if plans_dir is not None:
             plan.save(plans_dir / f"{spec.label.replace('/', '-')}-seed{seed}.json")
-        curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, **replay_data(a, seed))
+        curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, **replay_data(a, seed),
+                             latency_inputs=a.example_inputs.to(a.device) if latency else None)
         for row in curve:
             rows.append({"criterion": spec.label, "seed": seed, **row})
         area = sauce([r["params_ratio"] for r in curve], [100.0 * r[metric] for r in curve])
@@ -137,12 +145,12 @@ def replay_data(analysis: Analysis, seed: int) -> dict:
 
 
 def curve_from_config(cfg: RunConfig, specs: list[CriterionSpec], seeds: int, ratios, out: Path,
-                      progress: bool = True) -> tuple[CurveResult, dict[str, Path]]:
+                      progress: bool = True, latency: bool = False) -> tuple[CurveResult, dict[str, Path]]:
     analysis, _ = analysis_from_config(cfg, progress=progress)
     if not analysis.units.layers:
         raise ModelError("the model has no prunable units")
     seed_list = [cfg.seed + i for i in range(seeds)]
-    result = run_curves(analysis, specs, seed_list, ratios, plans_dir=out / "plans")
+    result = run_curves(analysis, specs, seed_list, ratios, plans_dir=out / "plans", latency=latency)
     meta = {"config": cfg.name, "model": f"{cfg.model.source}:{cfg.model.name}", "seeds": seed_list,
             "ratios": list(ratios), "criteria": [asdict(c) for c in specs]}
     return result, write_curve_outputs(result, out, f"{cfg.name} ({cfg.model.name})", meta)

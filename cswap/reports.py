@@ -115,10 +115,11 @@ def curve_styles(labels) -> dict[str, dict]:
     return styles
 
 
-def curve_figure(result: CurveResult, title: str = ""):
-    """Mean metric vs mean parameters removed per criterion (band: ± std over seeds), Fig. 5
-    style: one style per criterion (`curve_styles`), the legend outside the axes so it hides
-    no point, and y-limits around the data with a margin so no line lies on the frame."""
+def curve_figure(result: CurveResult, title: str = "", x_key: str = "params_ratio"):
+    """Mean metric vs mean parameters removed (or measured speed-up, `x_key="speedup"`) per
+    criterion (band: ± std over seeds), Fig. 5 style: one style per criterion (`curve_styles`),
+    the legend outside the axes so it hides no point, and y-limits around the data with a
+    margin so no line lies on the frame."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +134,7 @@ def curve_figure(result: CurveResult, title: str = ""):
         for t in sorted({r["target_ratio"] for r in mine}):
             pts = [r for r in mine if r["target_ratio"] == t]
             vals = [100 * p[result.metric] for p in pts]
-            x.append(100 * np.mean([p["params_ratio"] for p in pts]))
+            x.append((100 if x_key == "params_ratio" else 1) * np.mean([p[x_key] for p in pts]))
             y.append(np.mean(vals))
             s.append(np.std(vals))
         style = styles[label]
@@ -144,8 +145,9 @@ def curve_figure(result: CurveResult, title: str = ""):
     ax.axhline(100 * result.unpruned, color="k", linestyle=(0, (4, 3)), linewidth=0.9, label="unpruned", zorder=2)
     margin = max(1.0, 0.05 * (max(high) - min(low)))
     ax.set_ylim(min(low) - margin, max(high) + margin)
-    ax.set_xlim(-2, 102)
-    ax.set_xlabel("parameters removed (%)")
+    if x_key == "params_ratio":
+        ax.set_xlim(-2, 102)
+    ax.set_xlabel("parameters removed (%)" if x_key == "params_ratio" else "measured speed-up, batch 1 (x)")
     ax.set_ylabel(f"{result.metric} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
@@ -155,11 +157,11 @@ def curve_figure(result: CurveResult, title: str = ""):
     return fig
 
 
-def plot_curves(result: CurveResult, path: Path, title: str = "") -> Path:
+def plot_curves(result: CurveResult, path: Path, title: str = "", x_key: str = "params_ratio") -> Path:
     """`curve_figure` written to `path` (the legend beside the axes included)."""
     import matplotlib.pyplot as plt
 
-    fig = curve_figure(result, title)
+    fig = curve_figure(result, title, x_key)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -175,6 +177,8 @@ def write_curve_outputs(result: CurveResult, out: Path, title: str, meta: dict) 
         "md": write_text_atomic(out / "sauce.md", sauce_markdown(result, f"SAUCE: {title}")),
     }
     files["png"] = plot_curves(result, out / "curve.png", title)
+    if result.rows and "speedup" in result.rows[0]:  # `cswap curve --latency`
+        files["latency_png"] = plot_curves(result, out / "curve_latency.png", title, x_key="speedup")
     return files
 
 

@@ -166,3 +166,15 @@ def test_curve_cli_reports_a_bad_criterion_without_traceback(config, tmp_path, c
     rc = main(["curve", str(config), "--criteria", "magnitude,nonsense", "--out", str(tmp_path / "x"), "--quiet"])
     assert rc == 2
     assert "unknown criterion 'nonsense'" in capsys.readouterr().err
+
+
+def test_curve_with_latency_measures_every_point_and_plots_accuracy_vs_speedup(config, tmp_path):
+    """`cswap curve --latency`: every replayed point carries its measured speed-up (the
+    unpruned point exactly 1), and a second plot puts accuracy against it."""
+    out = tmp_path / "curve"
+    assert main(["curve", str(config), "--criteria", "magnitude", "--seeds", "1", "--ratios", "0,0.5",
+                 "--out", str(out), "--quiet", "--latency"]) == 0
+    assert (out / "curve_latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _read_csv(out / "curve.csv")
+    assert [float(r["target_ratio"]) for r in rows][:2] == [0.0, 0.5]
+    assert float(rows[0]["speedup"]) == 1.0 and all(float(r["speedup"]) > 0 for r in rows)
