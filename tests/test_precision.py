@@ -12,7 +12,6 @@ import cswap
 from cswap.build import resolve_adapter
 from cswap.engine import make_engine
 from cswap.errors import ConfigError
-from cswap.intervention import Intervention
 from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.precision import ReducedPrecision, with_precision
 from cswap.tasks.classification import ClassificationTask

@@ -3,7 +3,6 @@
 plugin options are validated by `--dry-run`, and a broken entry point is one clear error."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import cswap
 from cswap import registry
