@@ -203,7 +203,7 @@ class PruningPlan:
             raise ValueError(f"params_ratio must be in [0, 1], got {params_ratio}")
         goal, adapter = params_ratio * self.params_total, self._adapter()
         k = smallest_prefix(len(self.steps), lambda m: self.params_total - count_params(
-            self.apply_prefix(model, m, adapter=adapter)) >= goal - 1e-9)
+            self.remove(copy.deepcopy(model), m, adapter)) >= goal - 1e-9)  # shapes only: no compensation needed
         if k is None:
             warnings.warn(f"params_ratio {params_ratio:.3f} is beyond what the aligned replay of this plan can remove; "
                           "replaying all steps")

@@ -119,8 +119,8 @@ def test_round_to_option_is_validated():
 
 
 def test_cswap_prune_with_round_to_saves_and_reloads_aligned_widths(config, tmp_path):
-    """`cswap prune` replays aligned (`pruning.round_to`), records it, and `load_pruned`
-    rebuilds the same widths: every pruned layer a multiple of 4 (the fixture is 4-8 wide)."""
+    """`cswap prune` replays aligned (`pruning.round_to`), also a compensated plan, records it,
+    and `load_pruned` rebuilds the same widths: every pruned layer a multiple of 4."""
     import json
 
     from torch import nn
@@ -129,6 +129,7 @@ def test_cswap_prune_with_round_to_saves_and_reloads_aligned_widths(config, tmp_
 
     out = tmp_path / "aligned"
     assert main(["prune", str(config), "--out", str(out), "--quiet", "--set", "pruning.round_to=4",
+                 "--set", "pruning.intervention=mean",  # a compensated plan: the aligned target counts shapes only
                  "--set", "model.kwargs={width: 8, in_channels: 1, num_classes: 3}", "--set", "model.weights=null",
                  "--set", "pruning.params_ratio=0.4"]) == 0
     report = json.loads((out / "report.json").read_text())
