@@ -237,3 +237,33 @@ def test_amp_judges_the_compensated_cut_and_its_plan_replays_with_it(one_thread)
     with torch.no_grad():
         cut, removed = out.cut(x), out.pruned(x)
     assert (cut - removed).abs().max().item() <= 1e-4 * max(cut.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["least_squares"])  # `mean` removes nothing on this fixture: nothing to replay
+def test_compensated_analysis_resumes_to_the_uninterrupted_plan(kind, one_thread):
+    """Stopped mid-run after a removal and resumed from the saved state: replayed removals apply
+    their compensations (and the Gram downdates) again, so the plan is the uninterrupted one."""
+    from cswap.build import analysis_for
+    from cswap.options import PruningOptions
+    from cswap.pruner import progressive_prune
+    from cswap.tasks.classification import ClassificationTask
+
+    model, x, y = _trained_resnet()
+    task = ClassificationTask.from_tensors(x, y, samples_per_class=20)
+    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False, intervention=kind))
+    whole = progressive_prune(a, 0)
+    saved = []
+
+    class Stop(Exception):
+        pass
+
+    def checkpoint(state):
+        saved.append(json.loads(json.dumps(state)))
+        if len(state["decisions"]) >= 10 and any(d["category"] != "critical" for d in state["decisions"]):
+            raise Stop  # mid-run, with a removal among the decisions to replay
+
+    with pytest.raises(Stop):
+        progressive_prune(a, 0, checkpoint=checkpoint, checkpoint_seconds=0.0)
+    assert len(saved[-1]["decisions"]) < len(whole.steps)
+    resumed = progressive_prune(a, 0, resume=saved[-1])
+    assert [s.to_json() for s in resumed.steps] == [s.to_json() for s in whole.steps]
