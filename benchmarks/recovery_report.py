@@ -89,10 +89,13 @@ def _avg(values):
 
 
 def _best(summary: dict) -> dict[str, dict]:
-    """Per criterion, the recovery with the highest mean SAUCE."""
+    """Per criterion, the recovery with the highest mean SAUCE among those run with the most
+    seeds (a one-seed mean is not compared with a three-seed one)."""
     best = {}
     for row in summary["rows"].values():
-        if row["criterion"] not in best or row["sauce"] > best[row["criterion"]]["sauce"]:
+        key = (row["seeds"], row["sauce"])
+        mine = best.get(row["criterion"])
+        if mine is None or key > (mine["seeds"], mine["sauce"]):
             best[row["criterion"]] = row
     return best
 
