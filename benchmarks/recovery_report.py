@@ -181,6 +181,9 @@ def write_report(work: Path, out: Path) -> str:
             continue  # started, nothing replayed yet
         lines += _model_markdown(model, s)
         lines += [f"![{model}](recovery/{_plot(model, models, s, out).name})", ""]
+    notes = Path(__file__).with_name("recovery_notes.md")  # the hand-written reading, kept across reruns
+    if notes.is_file():
+        lines += [notes.read_text()]
     text = "\n".join(lines)
     (out / "recovery.md").write_text(text)
     (out / "recovery.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
