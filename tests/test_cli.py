@@ -114,3 +114,15 @@ def test_untraceable_model_names_the_module():
     x, y = torch.randn(30, 1, 8, 8), torch.arange(30) % 3
     with pytest.raises(ModelError, match="module '1' cuts the autograd graph"):
         cswap.analyze(model, (x, y), samples_per_class=10, progress=False)
+
+
+def test_preset_paper_is_the_published_rule_and_set_wins(config, tmp_path):
+    """`--preset paper`: the zero cut and no recovery (the report has no recovery); a `--set`
+    after it still wins."""
+    paper, mixed = tmp_path / "paper", tmp_path / "mixed"
+    assert run_cli("prune", config, "--out", paper, "--quiet", "--preset", "paper") == 0
+    assert run_cli("prune", config, "--out", mixed, "--quiet", "--preset", "paper", "--set", "pruning.recovery=bn") == 0
+    a, b = (json.loads((d / "report.json").read_text()) for d in (paper, mixed))
+    assert "recovery" not in a and a["intervention"] == "zero"
+    assert b["recovery"]["methods"] == "bn"
+    assert (paper / "plan.json").read_bytes() == (mixed / "plan.json").read_bytes()  # recovery never changes the plan
