@@ -147,3 +147,16 @@ class PruningOptions(_Options):
             raise ValueError("reduced precision (precision) applies to exact single-unit trials; it cannot be "
                              "combined with fast")
         return self
+
+    @model_validator(mode="after")
+    def _compensation_fits(self):
+        """Refused up front, not after the analysis: what the replay or the engine would refuse."""
+        if self.intervention == "zero":
+            return self
+        if "bias" in self.recovery.methods:
+            raise ValueError(f"recovery bias folds the removed units' means, which intervention {self.intervention} "
+                             "already does; use least_squares or bn")
+        if self.engine == "delta":
+            raise ValueError("engine delta updates the first reader by the cut's share alone; a compensated cut "
+                             f"(intervention {self.intervention}) changes more: use engine staged or auto")
+        return self

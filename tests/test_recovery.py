@@ -267,3 +267,20 @@ def test_compensated_analysis_resumes_to_the_uninterrupted_plan(kind, one_thread
     assert len(saved[-1]["decisions"]) < len(whole.steps)
     resumed = progressive_prune(a, 0, resume=saved[-1])
     assert [s.to_json() for s in resumed.steps] == [s.to_json() for s in whole.steps]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["pruning.recovery=least_square"], "recovery 'least_square'"),
+    (["pruning.engine=delta", "pruning.intervention=mean"], "engine delta"),
+    (["pruning.intervention=mean", "pruning.recovery=bias"], "recovery bias folds"),
+])
+def test_inconsistent_recovery_settings_are_one_line(config, tmp_path, capsys, overrides, needle):
+    """A misspelt recovery, the delta engine with a compensated cut, a mean fold twice: each
+    refused before anything is created, with one line naming it, exit status 2."""
+    from cswap.cli import main
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    assert main(["prune", str(config), "--out", str(tmp_path / "r"), "--quiet", *sets]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], errors
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()  # refused before anything runs
