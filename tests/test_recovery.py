@@ -284,3 +284,17 @@ def test_inconsistent_recovery_settings_are_one_line(config, tmp_path, capsys, o
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], errors
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.partial").exists()  # refused before anything runs
+
+
+def test_a_compensated_plan_needs_its_sample_set_to_replay():
+    """The compensation is measured on S: without it the replay would deploy a different model."""
+    from cswap.errors import ConfigError
+
+    model, x, y = _trained_resnet()
+    name, adapter = resolve_adapter("auto", model)
+    graph = adapter.units(model, x[:1])
+    plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in pick_units(graph)], method="test",
+                             adapter=name, meta={"intervention": "mean"})
+    with pytest.raises(ConfigError, match=r"sample_set=task.manifold\(seed\)"):
+        plan.apply(model, params_ratio=0.1)
+    assert plan.apply(model, params_ratio=0.1, sample_set=_sample_set(x, y)) is not None
