@@ -175,6 +175,25 @@ def _version() -> str:
         return f"cswap {__version__}"
 
 
+def _add_file_commands(sub) -> None:
+    """`config`, `export`, `fixture`: commands that write files for the user to start from or deploy."""
+    s = sub.add_parser("config", help="list the packaged configs, or print one to start from (cswap config demo > my.yaml)")
+    s.add_argument("name", nargs="?", help="a packaged config; its shipped files are named by absolute paths")
+    s.set_defaults(func=_cmd_config)
+
+    s = sub.add_parser("export", help="export a run's pruned model for deployment (ONNX or torch.export)")
+    s.add_argument("run_dir", type=Path, help="a complete run directory (or a folder written by cswap.save_pruned)")
+    s.add_argument("--format", choices=("onnx", "torch_export"), default="onnx")
+    s.add_argument("--out", type=Path, help="output file (default: RUN_DIR/pruned_model.onnx or .pt2)")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("fixture", help="write a tiny Cityscapes-layout folder, a DDRNet trained on it and its config")
+    s.add_argument("kind", choices=("cityscapes",))
+    s.add_argument("out", type=Path, help="folder to write (cityscapes/, ddrnet_tiny.pth, config.yaml)")
+    s.add_argument("--train-steps", type=int, default=40, help="Adam steps of the tiny DDRNet (0: random weights)")
+    s.set_defaults(func=_cmd_fixture)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cswap", description="C-SWAP causal one-shot structured pruning")
     p.add_argument("--version", action="version", version=_version())
@@ -230,21 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, help="output folder (default: output.dir/<name>-sweep)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_sweep)
-    s = sub.add_parser("config", help="list the packaged configs, or print one to start from (cswap config demo > my.yaml)")
-    s.add_argument("name", nargs="?", help="a packaged config; its shipped files are named by absolute paths")
-    s.set_defaults(func=_cmd_config)
-
-    s = sub.add_parser("export", help="export a run's pruned model for deployment (ONNX or torch.export)")
-    s.add_argument("run_dir", type=Path, help="a complete run directory (or a folder written by cswap.save_pruned)")
-    s.add_argument("--format", choices=("onnx", "torch_export"), default="onnx")
-    s.add_argument("--out", type=Path, help="output file (default: RUN_DIR/pruned_model.onnx or .pt2)")
-    s.set_defaults(func=_cmd_export)
-
-    s = sub.add_parser("fixture", help="write a tiny Cityscapes-layout folder, a DDRNet trained on it and its config")
-    s.add_argument("kind", choices=("cityscapes",))
-    s.add_argument("out", type=Path, help="folder to write (cityscapes/, ddrnet_tiny.pth, config.yaml)")
-    s.add_argument("--train-steps", type=int, default=40, help="Adam steps of the tiny DDRNet (0: random weights)")
-    s.set_defaults(func=_cmd_fixture)
+    _add_file_commands(sub)
     from .options import PRESETS
 
     for name in ("prune", "demo", "curve", "sweep"):
