@@ -106,7 +106,7 @@ def _model_markdown(model: str, s: dict) -> list[str]:
     metric = next(k for k in s["unpruned"] if k not in ("params", "largest_gram"))
     seeds = max(r["seeds"] for r in s["rows"].values())
     lines = [f"## {model}", "", f"Unpruned: {100 * s['unpruned'][metric]:.2f} % {metric}, "
-             f"{s['unpruned']['params']:,} parameters; {seeds} seed(s).", "",
+             f"{s['unpruned']['params']:,} parameters; up to {seeds} seed(s) (a cell without ± is one seed).", "",
              "SAUCE (mean ± std over seeds) by criterion and recovery:", "",
              "| criterion | " + " | ".join(recoveries) + " |", "|---|" + "---|" * len(recoveries)]
     for c in criteria:
