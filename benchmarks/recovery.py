@@ -3,11 +3,13 @@ repair keep a physically smaller model accurate without training.
 
     python benchmarks/recovery.py                      # every model, 3 seeds on the demo, 1 elsewhere
     python benchmarks/recovery.py --models demo --seeds 3
-    python benchmarks/recovery.py --quick              # demo only, 1 seed, 4 criteria: minutes
+    python benchmarks/recovery.py --quick              # demo only, 1 seed, 5 criteria: minutes
 
 For every model, criterion (C-SWAP's paper rule, `effect: absolute`, `intervention: mean`,
-`intervention: least_squares`, AMP with and without the compensated cut, C-BP, magnitude,
-DeepLIFT, random) and seed, one plan; every plan replayed at `--ratios` of the parameters under
+`intervention: least_squares`; the rule, `absolute` and `least_squares` also with the kept tail
+ordered by harm per parameter, `per_param`, the `pruning.critical_order` default; AMP with and
+without the compensated cut and `per_param`; C-BP, magnitude, DeepLIFT, integrated gradients,
+random) and seed, one plan; every plan replayed at `--ratios` of the parameters under
 every recovery (none, bias, bn, least_squares, least_squares+bn; `bias` is left out for plans
 whose cut already folded the mean). Accuracy on the held-out split, SAUCE, the non-critical
 operating point of the C-SWAP rows, analysis time beside recovery time, and the largest Gram
@@ -21,7 +23,9 @@ docs/results/recovery.md, recovery.json, recovery.csv and recovery/<model>.png.
 Data: the demo ships with the package; the Fashion-MNIST models read the full Fashion-MNIST
 locally (`apt-get install dataset-fashion-mnist`, or CSWAP_FASHION_MNIST=DIR, see
 benchmarks/datasets.py) and their checkpoints in benchmarks/checkpoints/ (the commands that
-trained them are in their .json sidecars). Timings are from one process on a shared 2-core
+trained them are in their .json sidecars); the segmentation model (`ddrnet_scenes`, mIoU) needs
+its scenes and checkpoint made first by `python benchmarks/segmentation_fashion_scenes.py
+--train-only` (about 20 min on one CPU thread). Timings are from one process on a shared 2-core
 machine: compare them within a run.
 """
 from __future__ import annotations
@@ -46,20 +50,35 @@ MODELS = {  # name -> packaged config ("demo") or a file of configs/
     "mobilenetv2": "configs/fashion_mnist_mobilenetv2.yaml",
     "resnet20_w32": "configs/fashion_mnist_resnet20_w32.yaml",
     "vit_p7_d128": "configs/fashion_mnist_vit_p7_d128.yaml",
+    # written by `python benchmarks/segmentation_fashion_scenes.py --train-only` (scenes + training)
+    "ddrnet_scenes": "runs/seg_fashion_scenes/config.yaml",
 }
+CRITERION_OPTIONS = {"ddrnet_scenes": {"amp": {"metric": "mean_sigma"}}}  # AMP's KL needs per-image logits
 # label -> (criterion, pruning options, test options)
+EFFECT = {"critical_order": "effect"}  # the paper's tail order (the default before per_param won here)
+RELATIVE = {"effect": "relative"}  # the paper's Definition 1 (the default before absolute won here)
+PER_PARAM = {"critical_order": "effect_per_param"}
 CRITERIA = {
-    "cswap (paper)": ("cswap", {}, {}),
-    "cswap absolute": ("cswap", {}, {"effect": "absolute"}),
-    "cswap mean": ("cswap", {"intervention": "mean"}, {}),
-    "cswap least_squares": ("cswap", {"intervention": "least_squares"}, {}),
-    "amp": ("amp", {}, {}),
-    "amp least_squares": ("amp", {"intervention": "least_squares"}, {}),
-    "cbp": ("cbp", {}, {}),
+    "cswap (paper)": ("cswap", EFFECT, RELATIVE),
+    "cswap per_param": ("cswap", PER_PARAM, RELATIVE),
+    "cswap absolute": ("cswap", EFFECT, {"effect": "absolute"}),
+    "cswap absolute per_param": ("cswap", PER_PARAM, {"effect": "absolute"}),  # the default
+    "cswap mean": ("cswap", {"intervention": "mean", **EFFECT}, RELATIVE),
+    "cswap least_squares": ("cswap", {"intervention": "least_squares", **EFFECT}, RELATIVE),
+    "cswap least_squares per_param": ("cswap", {"intervention": "least_squares", **PER_PARAM}, RELATIVE),
+    "amp": ("amp", EFFECT, {}),
+    "amp per_param": ("amp", PER_PARAM, {}),
+    "amp least_squares": ("amp", {"intervention": "least_squares", **EFFECT}, {}),
+    "cbp": ("cbp", {}, RELATIVE),
     "magnitude": ("magnitude", {}, {}),
     "deeplift": ("deeplift", {}, {}),
+    "integrated_gradients": ("integrated_gradients", {}, {}),
     "random": ("random", {}, {}),
 }
+# the same analysis with only the kept tail ordered differently: derived from the cached plan of
+# the first label (the walk never reads the tail order; tests/test_recovery.py checks the two agree)
+SAME_WALK = {"cswap per_param": "cswap (paper)", "cswap absolute per_param": "cswap absolute",
+             "cswap least_squares per_param": "cswap least_squares", "amp per_param": "amp"}
 RECOVERIES = ("none", "bias", "bn", "least_squares", "least_squares+bn")
 RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -73,6 +92,9 @@ def load_analysis(model: str):
         from benchmarks.datasets import fashion_mnist_root
 
         fashion_mnist_root()  # stops at once with the setup hint when the data is missing
+    if not Path(config_argument(MODELS[model])).is_file():
+        raise SystemExit(f"{MODELS[model]} is missing: run `OMP_NUM_THREADS=1 python "
+                         "benchmarks/segmentation_fashion_scenes.py --train-only` first (about 20 min)")
     cfg = load_config(config_argument(MODELS[model]), [])
     analysis, _ = analysis_from_config(cfg)
     return analysis
@@ -90,7 +112,7 @@ def variant(analysis, pruning: dict, test: dict):
     return a
 
 
-def make_plan(analysis, label: str, seed: int, path: Path) -> dict:
+def make_plan(analysis, label: str, seed: int, path: Path, options: dict | None = None) -> dict:
     """The criterion's plan for this seed (cached at `path`) and its analysis time."""
     from cswap import registry
     from cswap.plan import PruningPlan
@@ -98,13 +120,39 @@ def make_plan(analysis, label: str, seed: int, path: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     name, pruning, test = CRITERIA[label]
+    base = path.with_name(path.name.replace(_stem(label), _stem(SAME_WALK.get(label, label)), 1))
+    if base != path and base.is_file():
+        return _reordered(analysis, json.loads(base.read_text()), label, pruning["critical_order"], path)
     a = variant(analysis, pruning, test)
     started = time.perf_counter()
-    ranking = registry.create("criteria", name).rank(a, seed)
+    ranking = registry.create("criteria", name, (options or {}).get(name)).rank(a, seed)
     plan = PruningPlan.from_ranking(a.model, a.units, ranking, adapter=a.adapter_name)
-    record = {"seconds": time.perf_counter() - started, "plan": plan.to_json()}
+    record = {"label": label, "seconds": time.perf_counter() - started, "plan": plan.to_json()}
     _write(path, record)
     return record
+
+
+def _stem(label: str) -> str:
+    return label.replace(" ", "_")
+
+
+def _reordered(analysis, record: dict, label: str, order: str, path: Path) -> dict:
+    """A cached plan with its kept tail put in `order` (C-SWAP's harm is -xi, AMP's its score)."""
+    from cswap.plan import PruningPlan
+    from cswap.tail_order import order_tail
+
+    started = time.perf_counter()
+    plan = PruningPlan.from_json(record["plan"])
+    head, tail = plan.steps[:plan.num_noncritical], plan.steps[plan.num_noncritical:]
+    harm = (lambda s: -s.xi) if plan.method == "cswap" else (lambda s: s.score)
+    meta = {**plan.meta, "critical_order": order}
+    steps = head + order_tail(analysis.model, analysis.units, head, tail, harm, order)
+    new = PruningPlan.build(analysis.model, analysis.units, steps, method=plan.method, adapter=plan.adapter,
+                            meta=meta, protected=plan.protected)
+    out = {"label": label, "seconds": record["seconds"] + time.perf_counter() - started, "plan": new.to_json(),
+           "derived_from": "the cached plan of the same walk, tail reordered"}
+    _write(path, out)
+    return out
 
 
 def replay_at_ratios(analysis, plan, seed: int, recovery: str, ratios) -> dict:
@@ -157,11 +205,11 @@ def run_model(model: str, criteria, seeds, recoveries, ratios, work: Path, force
                                "largest_gram": largest_gram(analysis)})
     for label in criteria:
         for seed in seeds:
-            stem = work / model / f"{label.replace(' ', '_')}-seed{seed}"
+            stem = work / model / f"{_stem(label)}-seed{seed}"
             if force:
                 for old in stem.parent.glob(stem.name + "*"):
                     old.unlink()
-            record = make_plan(analysis, label, seed, stem.with_suffix(".plan.json"))
+            record = make_plan(analysis, label, seed, stem.with_suffix(".plan.json"), CRITERION_OPTIONS.get(model))
             plan = PruningPlan.from_json(record["plan"])
             for recovery in recoveries:
                 if recovery.startswith("bias") and plan.compensated:
@@ -195,14 +243,14 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     p.add_argument("--work", type=Path, default=Path("runs/recovery_benchmark"))
     p.add_argument("--out", type=Path, default=Path("docs/results"))
-    p.add_argument("--quick", action="store_true", help="demo, 1 seed, 4 criteria, 3 recoveries")
+    p.add_argument("--quick", action="store_true", help="demo, 1 seed, 5 criteria, 3 recoveries")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.models, args.seeds, args.recoveries = "demo", 1, "none,bn,least_squares"
-        args.criteria = "cswap (paper),cswap least_squares,amp,magnitude"
+        args.criteria = "cswap (paper),cswap per_param,cswap least_squares,amp,magnitude"
     ratios = tuple(float(r) for r in args.ratios.split(","))
     criteria = [c.strip() for c in args.criteria.split(",")]
     unknown = [c for c in criteria if c not in CRITERIA]

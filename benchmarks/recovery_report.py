@@ -25,13 +25,13 @@ def _load(work: Path) -> dict:
         runs, plans = defaultdict(list), defaultdict(list)
         for path in sorted(folder.glob("*-seed*.plan.json")):
             record = json.loads(path.read_text())
-            label, seed = path.name[: -len(".plan.json")].rsplit("-seed", 1)
+            stem, seed = path.name[: -len(".plan.json")].rsplit("-seed", 1)
+            label = record.get("label") or (stem.replace("_", " ", 1) if stem.startswith(("cswap_", "amp_")) else stem)
             plans[label].append({"seed": int(seed), "seconds": record["seconds"],
                                  "categories": record["plan"]["meta"].get("categories", {})})
-            for curve in sorted(folder.glob(f"{label}-seed{seed}-*.json")):
-                recovery = curve.name[len(f"{label}-seed{seed}-"): -len(".json")]
-                runs[(label.replace("_", " ", 1) if label.startswith(("cswap_", "amp_")) else label, recovery)].append(
-                    {"seed": int(seed), **json.loads(curve.read_text())})
+            for curve in sorted(folder.glob(f"{stem}-seed{seed}-*.json")):
+                recovery = curve.name[len(f"{stem}-seed{seed}-"): -len(".json")]
+                runs[(label, recovery)].append({"seed": int(seed), **json.loads(curve.read_text())})
         models[folder.name] = {"unpruned": json.loads((folder / "unpruned.json").read_text()), "runs": runs,
                                "plans": plans}
     return models
@@ -124,7 +124,7 @@ def _model_markdown(model: str, s: dict) -> list[str]:
         nc = row["noncritical"]
         nc_text = f"{100 * nc['params_ratio']:.1f} % removed: {100 * nc[metric]:.2f} %" if nc else "–"
         cells = [f"{row[f'at_{int(t * 100)}']:.2f}" if row[f"at_{int(t * 100)}"] is not None else "–" for t in AT]
-        analysis = s["analysis_seconds"].get(c.replace(" ", "_", 1) if c.startswith(("cswap ", "amp ")) else c)
+        analysis = s["analysis_seconds"].get(c)
         lines.append(f"| {c} | {row['recovery']} | {row['sauce']:.1f} | " + " | ".join(cells) +
                      f" | {nc_text} | {analysis:.1f} | {row['recovery_seconds']:.2f} |" if analysis is not None else "")
     gram = s["unpruned"].get("largest_gram")
@@ -148,6 +148,7 @@ def _plot(model: str, models: dict, s: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     styles = ["-", "--", "-.", ":"]
     markers = "osD^vP*Xh<>"
+    m = "accuracy"
     for i, (c, row) in enumerate(sorted(_best(s).items())):
         result = models[model]["runs"][(c, row["recovery"])][0]
         m = _metric(result["rows"])
@@ -156,7 +157,7 @@ def _plot(model: str, models: dict, s: dict, out: Path) -> Path:
         ax.plot(xs, ys, styles[i % 4], marker=markers[i % len(markers)], color=plt.cm.tab10(i % 10),
                 label=f"{c} + {row['recovery']}", zorder=3 if top else 2, linewidth=2 if top else 1.2, markersize=4)
     ax.set_xlabel("parameters removed (%)")
-    ax.set_ylabel("held-out accuracy (%), seed 0")
+    ax.set_ylabel(f"held-out {m} (%), seed 0")
     ax.set_title(f"{model}: each criterion with its best recovery")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.margins(y=0.05)

@@ -177,11 +177,6 @@ def main(argv=None) -> int:
     trained = task.evaluate(model)
     setup = {"args": {k: str(v) for k, v in vars(args).items()}, "params": count_params(model),
              **training, "trained_eval": trained, "checkpoint": str(weights)}
-    out.mkdir(parents=True, exist_ok=True)
-    if args.train_only:
-        (out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
-        return 0
-
     cfg = {
         "name": "ddrnet_fashion_scenes", "seed": 0, "device": args.device,
         "model": {"source": "cswap", "name": "mmseg", "kwargs": {"config": DDRNET, "cfg_options": cfg_options},
@@ -194,6 +189,12 @@ def main(argv=None) -> int:
     }
     cfg_path = work / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # written before --train-only returns: benchmarks/recovery.py reads the model from it
+    out.mkdir(parents=True, exist_ok=True)
+    if args.train_only:
+        (out / "setup.json").write_text(json.dumps(setup, indent=1) + "\n")
+        return 0
+
     # one `cswap curve` per criterion, so each can have its own number of seeds and a finished
     # criterion is reused when the run is repeated; the parts are merged into one table and plot
     criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]

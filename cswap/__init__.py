@@ -2,7 +2,7 @@
 
     plan = cswap.analyze(model, (images, labels), samples_per_class=64)
     small = plan.apply(model)                  # non-critical units removed, physically
-    small = plan.apply(model, params_ratio=.5) # then critical ones, least beneficial first
+    small = plan.apply(model, params_ratio=.5) # then critical ones, least harm per parameter first
     plan.save("plan.json"); plan = cswap.PruningPlan.load("plan.json")
 
 The layers, the data flow of a run and how to add a plugin: docs/design.md.

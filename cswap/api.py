@@ -11,7 +11,7 @@ from .build import analysis_for
 from .coverage import check_coverage
 from .errors import ConfigError
 from .interfaces import Task
-from .options import PruningOptions
+from .options import PruningOptions, preset_section
 from .plan import PruningPlan
 from .pruner import progressive_prune
 
@@ -30,6 +30,7 @@ def analyze(
     device: str | torch.device = "cpu",
     progress: bool = True,
     options: PruningOptions | None = None,
+    preset: str | None = None,
     **pruning: Any,
 ) -> PruningPlan:
     """Run progressive C-SWAP (Algorithm 1) and return the plan; `model` is left unchanged.
@@ -39,7 +40,12 @@ def analyze(
     seeded. `alpha` sets the significance level of the task's test; `test_options` are that
     test's own options. The run's pruning options are `options`, or keyword arguments of
     `cswap.options.PruningOptions` (`engine`, `unit_batch`, `shuffle_units`, `fast`, ...).
+    `preset` (e.g. "paper") starts the pruning and test options from a named preset
+    (`cswap.options.PRESETS`); what is given explicitly wins.
     """
+    if preset is not None:
+        test_options = {**preset_section(preset, "test.options"), **(test_options or {})}
+        options = options if options is not None else PruningOptions.preset(preset, **pruning)
     options = options if options is not None else PruningOptions(**pruning)
     the_task = data if isinstance(data, Task) else _tensor_task(task, *data, samples_per_class or 128)
     test = registry.create("tests", the_task.default_test, test_options)

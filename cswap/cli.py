@@ -32,7 +32,7 @@ def _cmd_prune(args) -> int:
     from .reports import run_summary
     from .run import describe, run_prune
 
-    cfg = load_config(_config_path(args.config), _overrides(args))
+    cfg = load_config(_config_path(args.config), **_overrides(args))
     if args.dry_run:
         print(describe(cfg))
         return 0
@@ -48,7 +48,7 @@ def _cmd_demo(args) -> int:
     from .reports import run_summary
     from .run import run_prune
 
-    cfg = demo_config(samples_per_class=args.samples_per_class, overrides=_overrides(args))
+    cfg = demo_config(samples_per_class=args.samples_per_class, **_overrides(args))
     print("C-SWAP demo: CIFAR-style ResNet-8 trained on Fashion-MNIST (embedded), "
           f"S = {args.samples_per_class} images per class, alpha = 0.05, per-class voting")
     run_dir = run_prune(cfg, args.out, progress=not args.quiet)
@@ -58,12 +58,9 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _overrides(args) -> list[str]:
-    """`--preset NAME`'s overrides, then the user's `--set`s (which win)."""
-    from .options import PRESETS
-
-    preset = PRESETS[args.preset] if getattr(args, "preset", None) else {}
-    return [f"{key}={value}" for key, value in preset.items()] + list(getattr(args, "set", []))
+def _overrides(args) -> dict:
+    """`--preset NAME` and the user's `--set`s (which win over the preset), as load_config takes them."""
+    return {"overrides": list(getattr(args, "set", [])), "preset": getattr(args, "preset", None)}
 
 
 def _config_path(text) -> Path:
@@ -126,7 +123,7 @@ def _cmd_curve(args) -> int:
     from .curves import curve_from_config, parse_criteria, parse_ratios
     from .reports import sauce_markdown
 
-    cfg = load_config(_config_path(args.config), _overrides(args))
+    cfg = load_config(_config_path(args.config), **_overrides(args))
     specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
     for spec in specs:  # a missing optional extra (captum, zennit) fails now, not after the first criteria
         registry.check_requirements("criteria", spec.name, registry.load("criteria", spec.name))
@@ -144,7 +141,7 @@ def _cmd_sweep(args) -> int:
     from .reports import write_sweep_outputs
     from .sweep import run_sweep, settings
 
-    cfg = load_config(_config_path(args.config), _overrides(args))
+    cfg = load_config(_config_path(args.config), **_overrides(args))
     samples = _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class else [None]
     grid = settings(_split(args.alpha, float, "--alpha"), samples, _test_grid(args.test_option))
     out = args.out or cfg.output.dir / f"{cfg.name}-sweep"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import registry
 from .errors import ConfigError, validation_summary
-from .options import PruningOptions
+from .options import PRESETS, PruningOptions
 
 
 class _Strict(BaseModel):
@@ -145,7 +145,33 @@ def load_config_text(text: str, source: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def preset_overrides(name: str, data: dict) -> list[str]:
+    """`--preset NAME` as `--set` items for the config `data`: every pruning option, and a test
+    option only where the config's test (the task's default test when it names none) has it."""
+    test = _test_of(data)
+    declared = registry.load("tests", test).Options.model_fields if test in registry.available("tests") else {}
+    items = []
+    for key, value in PRESETS[name].items():
+        if key.startswith("test.options."):
+            if key.split(".", 2)[2] not in declared:
+                continue  # this config's test has no such option: the preset leaves it as it is
+            if not data.get("test"):
+                items.append(f"test.name={test}")
+        items.append(f"{key}={value}")
+    return items
+
+
+def _test_of(data: dict) -> str | None:
+    """The name of the test a config runs: its own, or its task's default."""
+    test, task = data.get("test"), data.get("task")
+    if isinstance(test, dict) and test.get("name"):
+        return test["name"]
+    name = task.get("name") if isinstance(task, dict) else None
+    return registry.load("tasks", name).default_test if name in registry.available("tasks") else None
+
+
+def load_config(path: str | Path, overrides: list[str] = (), preset: str | None = None) -> RunConfig:
+    """The config at `path`, with a named preset's settings and then `overrides` (which win)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -154,7 +180,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     data = resolve_relative_paths(load_config_text(text, path), path.resolve().parent)
-    return parse_config(apply_overrides(data, list(overrides)))
+    items = (preset_overrides(preset, data) if preset else []) + list(overrides)
+    return parse_config(apply_overrides(data, items))
 
 
 _PLUGIN_SECTIONS = {"task": "tasks", "scorer": "scorers", "test": "tests", "adapter": "adapters"}

@@ -135,7 +135,7 @@ class UnitGraph:
 
 
 PROGRESSIVE = "progressive"  # removed during the analysis (neutral or detrimental)
-CRITICAL_RANKED = "critical"  # critical units, least beneficial first, only for a target
+CRITICAL_RANKED = "critical"  # critical units, in `critical_order`, only for a target
 RANKED = "ranked"  # a baseline criterion's global ranking
 
 

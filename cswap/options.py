@@ -16,12 +16,22 @@ ENGINES = ("auto", "staged", "delta", "full")
 PRECISIONS = ("fp32", "tf32", "bf16")
 INTERVENTIONS = ("zero", "mean", "least_squares")
 RECOVERIES = ("bias", "bn", "least_squares")
+CRITICAL_ORDERS = ("effect", "effect_per_param")
 # Named starting points, as config overrides applied before the user's own (`--preset NAME`,
-# `PruningOptions.preset(NAME)`). The defaults are what benchmarks/recovery.py chose; `paper`
-# is Algorithm 1 exactly as published: the zero cut, nothing repaired after removal.
+# `cswap.analyze(..., preset=NAME)`). The defaults are what benchmarks/recovery.py chose; `paper`
+# is Algorithm 1 exactly as published: the relative effect, the zero cut, the critical tail by
+# effect alone, nothing repaired after removal.
 PRESETS = {
-    "paper": {"pruning.intervention": "zero", "pruning.recovery": "none"},
+    "paper": {"test.options.effect": "relative", "pruning.intervention": "zero", "pruning.critical_order": "effect",
+              "pruning.recovery": "none"},
 }
+
+
+def preset_section(name: str, section: str) -> dict:
+    """The options a preset gives one section of the config (`pruning`, `test.options`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return {k[len(section) + 1:]: v for k, v in PRESETS[name].items() if k.startswith(section + ".")}
 
 
 class _Options(BaseModel):
@@ -116,17 +126,19 @@ class PruningOptions(_Options):
         "zero", description="what a cut leaves at the unit's readers, and so what the test judges: nothing (zero, "
         "the paper), the unit's mean over S (mean), or the least-squares correction of the readers' other weights "
         "(least_squares); removal applies the same compensation (cswap/compensation.py)")
+    critical_order: Literal[CRITICAL_ORDERS] = Field(
+        "effect_per_param", description="the order in which a target beyond the removable units takes the kept "
+        "(critical) ones: least harmful first (effect, the paper), or least harm per parameter freed "
+        "(effect_per_param; cswap/tail_order.py)")
     recovery: RecoveryOptions = Field(RecoveryOptions(), description="repairs after removal (cswap/recovery.py)")
     ridge: float = Field(1e-3, gt=0, description="ridge of every least-squares solve (intervention and recovery), "
                          "relative to the mean diagonal of the Gram matrix")
 
     @classmethod
     def preset(cls, name: str, **options) -> "PruningOptions":
-        """The options of a named preset (`PRESETS`), with `options` on top."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        chosen = {k.split(".", 1)[1]: v for k, v in PRESETS[name].items() if k.startswith("pruning.")}
-        return cls(**{**chosen, **options})
+        """The pruning options of a named preset (`PRESETS`), with `options` on top (its test
+        options: `preset_section(name, "test.options")`, or `cswap.analyze(..., preset=name)`)."""
+        return cls(**{**preset_section(name, "pruning"), **options})
 
     @model_validator(mode="after")
     def _consistent(self):

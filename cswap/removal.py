@@ -33,19 +33,27 @@ class ParamLedger:
 
     def remove(self, unit: Unit) -> int:
         """Account for removing `unit`; returns the parameters it freed."""
+        freed = self._free(unit, self.shapes)
+        self.removed += freed
+        return freed
+
+    def cost(self, unit: Unit) -> int:
+        """The parameters removing `unit` would free now (nothing is accounted)."""
+        return self._free(unit, {n: list(self.shapes[n]) for n, _, _ in self._layers[unit.layer].frees})
+
+    def _free(self, unit: Unit, shapes: dict[str, list[int]]) -> int:
         freed = 0
         for pname, dim, counts in self._layers[unit.layer].frees:
             n = counts[unit.channel]
             if n == 0:
                 continue
-            shape = self.shapes[pname]
+            shape = shapes[pname]
             rest = 1
             for i, s in enumerate(shape):
                 if i != dim:
                     rest *= s
             freed += rest * n
             shape[dim] -= n
-        self.removed += freed
         return freed
 
 

@@ -25,6 +25,7 @@ from cswap.interfaces import SignificanceTest
 
 ROUNDOFF_FACTOR = 16
 ALPHA_MARGIN = 1e-3  # alpha moved by this relative amount either way; p-values move by far less
+RELATIVE = {"effect": "relative"}  # the paper's Definition 1: the knife-edge bounds below are for it
 
 
 def float32_roundoff(model: nn.Module, x: torch.Tensor) -> float:

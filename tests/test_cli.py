@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import cswap
 from cswap.cli import main
@@ -117,8 +118,8 @@ def test_untraceable_model_names_the_module():
 
 
 def test_preset_paper_is_the_published_rule_and_set_wins(config, tmp_path):
-    """`--preset paper`: the zero cut and no recovery (the report has no recovery); a `--set`
-    after it still wins."""
+    """`--preset paper`: the zero cut, the critical tail by effect alone and no recovery (the
+    report has no recovery, the plan no `critical_order`); a `--set` after it still wins."""
     paper, mixed = tmp_path / "paper", tmp_path / "mixed"
     assert run_cli("prune", config, "--out", paper, "--quiet", "--preset", "paper") == 0
     assert run_cli("prune", config, "--out", mixed, "--quiet", "--preset", "paper", "--set", "pruning.recovery=bn") == 0
@@ -126,3 +127,15 @@ def test_preset_paper_is_the_published_rule_and_set_wins(config, tmp_path):
     assert "recovery" not in a and a["intervention"] == "zero"
     assert b["recovery"]["methods"] == "bn"
     assert (paper / "plan.json").read_bytes() == (mixed / "plan.json").read_bytes()  # recovery never changes the plan
+    assert "critical_order" not in json.loads((paper / "plan.json").read_text())["meta"]
+    assert yaml.safe_load((paper / "config.yaml").read_text())["test"]["options"]["effect"] == "relative"
+
+
+def test_preset_in_the_api_is_the_same_analysis(trained_mlp):
+    """`cswap.analyze(..., preset="paper")` is the paper's test and tail order, spelled out."""
+    model, x, y = trained_mlp
+    by_name = cswap.analyze(model, (x, y), samples_per_class=10, preset="paper", progress=False)
+    spelled = cswap.analyze(model, (x, y), samples_per_class=10, test_options={"effect": "relative"},
+                            critical_order="effect", progress=False)
+    default = cswap.analyze(model, (x, y), samples_per_class=10, progress=False)
+    assert by_name.to_json() == spelled.to_json() != default.to_json()

@@ -172,7 +172,7 @@ def test_amp_threshold_controls_removal(resnet_case):
     model, task, graph = resnet_case
     everything = plan_of(make("amp", tau=1e9), model, graph, task, 0)
     assert everything.num_noncritical == len(everything.steps)
-    strict = plan_of(make("amp", tau=1e-9, metric="mean_sigma"), model, graph, task, 0)
+    strict = plan_of(make("amp", tau=1e-9, metric="mean_sigma"), model, graph, task, 0, critical_order="effect")
     assert 1 <= strict.num_noncritical < len(strict.steps)  # the dead unit at least, not all
     kept = [s.score for s in strict.steps[strict.num_noncritical:]]
     assert kept == sorted(kept) and min(kept) >= 1e-9

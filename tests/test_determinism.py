@@ -20,7 +20,7 @@ from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.tasks.classification import ClassificationTask
 
 from conftest import cswap_plan, patterns, randomize_batchnorm, train
-from roundoff import RecordingTest, assert_no_knife_edge, decisions, float32_roundoff, xi_tolerance
+from roundoff import RELATIVE, RecordingTest, assert_no_knife_edge, decisions, float32_roundoff, xi_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def model_and_data():
 
 def _analyze(model, x, y, threads: int, test=None):
     task = ClassificationTask.from_tensors(x, y, 20)
-    test = test or registry.create("tests", "paired_t", {"alpha": 1e-3})
+    test = test or registry.create("tests", "paired_t", {"alpha": 1e-3, **RELATIVE})
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -51,7 +51,7 @@ def test_same_thread_count_gives_byte_identical_plans(model_and_data):
 def test_other_thread_counts_give_the_same_decisions(model_and_data):
     model, x, y = model_and_data
     roundoff = float32_roundoff(model, x)
-    recorded = RecordingTest(registry.create("tests", "paired_t", {"alpha": 1e-3}))
+    recorded = RecordingTest(registry.create("tests", "paired_t", {"alpha": 1e-3, **RELATIVE}))
     reference = _analyze(model, x, y, 1, recorded)
     assert_no_knife_edge(recorded, roundoff)
     assert reference.num_noncritical > 3 and len(reference.steps) > reference.num_noncritical  # both phases

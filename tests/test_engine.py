@@ -20,7 +20,8 @@ from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.tasks.classification import ClassificationTask
 
 from conftest import cswap_plan, patterns, randomize_batchnorm, train
-from roundoff import ROUNDOFF_FACTOR, RecordingTest, assert_no_knife_edge, decisions, float32_roundoff, xi_tolerance
+from roundoff import (RELATIVE, ROUNDOFF_FACTOR, RecordingTest, assert_no_knife_edge, decisions, float32_roundoff,
+                      xi_tolerance)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def test_delta_engine_gives_the_same_decisions(model_and_data):
     """The rank-one update changes round-off only: the same decisions (on a fixture whose
     decisions round-off cannot move) and xi within round-off of the full forward's."""
     model, x, y = model_and_data
-    recorded = RecordingTest(cswap.registry.create("tests", "paired_t", {}))
+    recorded = RecordingTest(cswap.registry.create("tests", "paired_t", RELATIVE))
     full = cswap_plan(model, ClassificationTask.from_tensors(x, y, 20), test=recorded, engine="full")
     roundoff = float32_roundoff(model, x)
     assert_no_knife_edge(recorded, roundoff)

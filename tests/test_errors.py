@@ -17,7 +17,7 @@ from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.tasks.classification import ClassificationTask
 
 from conftest import cswap_plan, patterns
-from roundoff import RecordingTest, assert_no_knife_edge, float32_roundoff
+from roundoff import RELATIVE, RecordingTest, assert_no_knife_edge, float32_roundoff
 
 
 def test_empty_sample_set(tmp_path, config, capsys):
@@ -66,9 +66,9 @@ def _analysis(scorer, batch_size, test=None):
 def test_out_of_memory_halves_the_batch_then_fails_clearly():
     scorer = SmallMemoryScorer()
     with pytest.warns(UserWarning, match="out of memory with batches of 36 samples; retrying with 18"):
-        plan = _analysis(scorer, batch_size=36)  # 36 -> 18 -> 9 -> 5
+        plan = _analysis(scorer, batch_size=36, test=registry.create("tests", "paired_t", RELATIVE))  # 36 -> 18 -> 9 -> 5
     assert max(scorer.sizes[-10:]) <= 8 and plan.steps
-    recorded = RecordingTest(registry.create("tests", "paired_t"))
+    recorded = RecordingTest(registry.create("tests", "paired_t", RELATIVE))
     reference = _analysis(registry.create("scorers", "class_probability"), batch_size=9, test=recorded)
     # batches of 5 and of 9 round differently: the same decisions where none is on a knife edge
     assert_no_knife_edge(recorded, roundoff=float32_roundoff(_model(), patterns(12, size=12)[0]))

@@ -172,7 +172,7 @@ def test_early_critical_needs_xi_clearly_below_zero():
     hurt = 0.5 + 0.01 * rng.standard_normal(n)
     noisy = 0.05 * (1 + rng.choice([-0.9, 0.7], n))  # relative effects -90% or +70%
     groups = np.r_[np.zeros(n, int), np.ones(n, int)]
-    test = registry.create("tests", "paired_t", {})
+    test = registry.create("tests", "paired_t", {"effect": "relative"})
     interim = test.with_alpha(0.01)
     star = np.r_[hurt, noisy]
     plain = interim.decide(sigma, star[None, :], groups)[0]

@@ -123,7 +123,7 @@ def test_lower_is_better_scorer_gives_the_plan_of_the_negated_higher_is_better_s
 
 def test_relative_effect_of_a_lower_is_better_positive_score_flips_its_sign(scorers):
     inverse = registry.create("scorers", "inverse_p")
-    test = PairedTTest(PairedTTest.Options()).for_scorer(inverse)
+    test = PairedTTest(PairedTTest.Options(effect="relative")).for_scorer(inverse)
     sigma = np.array([2.0, 4.0, 1.5, 3.0])
     star = np.array([1.0, 5.0, 1.5, 1.0])  # three samples better (lower), one worse
     expected = np.mean((sigma - star) / sigma)
@@ -138,11 +138,11 @@ def test_margin_scorer_with_the_relative_effect_is_refused_naming_the_scorer(sco
     # declared: refused before any forward pass
     with pytest.raises(ConfigError, match=r"scorer 'margin' \(Margin\) declares that its values can be <= 0.*"
                                           r"effect: absolute"):
-        _plan(model, x, y, "margin")
+        _plan(model, x, y, "margin", effect="relative")
     # not declared: refused on the baseline sigma, with how many observations are not positive
     with pytest.raises(ConfigError, match=r"scorer 'margin_undeclared' \(UndeclaredMargin\) gave \d+ of 120 "
                                           r"baseline observations <= 0"):
-        _plan(model, x, y, "margin_undeclared")
+        _plan(model, x, y, "margin_undeclared", effect="relative")
     # the absolute effect needs no positive sigma
     assert _plan(model, x, y, "margin", effect="absolute")["steps"]
 

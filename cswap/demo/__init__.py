@@ -14,14 +14,14 @@ DEMO_DIR = Path(__file__).parent
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 
 
-def demo_config(samples_per_class: int = 32, overrides: list[str] = ()) -> RunConfig:
-    """The packaged demo config, with its own M_k changed if asked, and `overrides` on top."""
-    return load_config(DEMO_CONFIG, [f"task.options.samples_per_class={samples_per_class}", *overrides])
+def demo_config(samples_per_class: int = 32, overrides: list[str] = (), preset: str | None = None) -> RunConfig:
+    """The packaged demo config, with its own M_k changed if asked, a preset and `overrides` on top."""
+    return load_config(DEMO_CONFIG, [f"task.options.samples_per_class={samples_per_class}", *overrides], preset=preset)
 
 
-def ratio_table(run_dir: Path, ratios=(0.3, 0.5, 0.6, 0.7)) -> str:
+def ratio_table(run_dir: Path, ratios=(0.3, 0.6, 0.7, 0.8)) -> str:
     """Accuracy when the run's plan is replayed to larger targets: critical units go too,
-    least beneficial first, compensated and repaired as the run was. Replays are cheap; the
+    in the plan's `critical_order`, compensated and repaired as the run was. Replays are cheap; the
     analysis is never redone."""
     from ..build import build_model, build_task, resolve_adapter
     from ..plan import PruningPlan

@@ -23,6 +23,7 @@ from ..compensation import make_intervention
 from ..engine import make_engine
 from ..errors import ModelError
 from ..interfaces import PROGRESSIVE, RANKED, Analysis, Criterion, Manifold, PlanStep, Ranking, Scores, ScoringFunction
+from ..tail_order import order_tail
 
 
 class AMPCriterion(Criterion):
@@ -64,9 +65,11 @@ class AMPCriterion(Criterion):
                 else:
                     step.phase, step.category = RANKED, "kept"
                     kept.append(step)
-        kept.sort(key=lambda s: s.score)
+        kept = order_tail(a.model, a.units, removed, kept, lambda s: s.score, o.critical_order)
         meta = {"seed": seed, "options": self.options.model_dump(), "engine": type(sigma_of).__name__,
                 "categories": {"removed": len(removed), "kept": len(kept)}}
+        if o.critical_order != "effect":
+            meta["critical_order"] = o.critical_order
         if o.intervention != "zero":  # the replay compensates the same way (cswap.replay)
             meta.update(intervention=o.intervention, ridge=o.ridge)
         return Ranking(self.name, removed + kept, meta=meta)

@@ -6,7 +6,7 @@
             sigma* on S; xi_n; per-class paired t-tests; vote   (lines 5-6, Definitions 1-2)
             if n is not critical: keep the cut, G <- G*        (n is removed at once)
             else: keep n, remember xi_n                         (the critical buffer)
-    critical units, least beneficial first, go only when a target asks for them
+    critical units go only when a target asks for them, in `critical_order` (cswap/tail_order.py)
 
 Everything that is not this loop lives in the walk it is handed (`cswap.pruner.walk.Walk`):
 the baseline sigma (which becomes sigma* of each removed unit, so no extra pass is needed),

@@ -77,8 +77,8 @@ class Record:
     def counts(self) -> dict[str, int]:
         return {k: self.categories.get(k, 0) for k in CATEGORIES}
 
-    def ranking(self, meta: dict) -> Ranking:
-        """Removed units in the order they went, then the critical ones, least beneficial
-        (xi closest to zero) first (a stable sort: ties keep the order they were tested in)."""
-        tail = sorted(self.critical, key=lambda s: -s.xi)
+    def ranking(self, meta: dict, order: Callable[[list[PlanStep], list[PlanStep]], list[PlanStep]]) -> Ranking:
+        """Removed units in the order they went, then the critical ones as `order(removed,
+        critical)` puts them (cswap/tail_order.py; `critical` is in the order they were tested)."""
+        tail = order(self.removed, self.critical)
         return Ranking("cswap", self.removed + tail, meta, dict(self.protected))

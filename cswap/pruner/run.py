@@ -16,6 +16,7 @@ import torch
 from ..errors import ResourceError
 from ..interfaces import Analysis, Manifold, Ranking
 from ..precision import exact_fp32
+from ..tail_order import order_tail
 from .algorithm import algorithm1
 from .fast import group_testing
 from .record import Record
@@ -28,7 +29,7 @@ log = logging.getLogger("cswap")
 def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | None = None, checkpoint=None,
                       checkpoint_seconds: float = 2.0, resume: dict | None = None) -> Ranking:
     """Run Algorithm 1 on a copy of `analysis.model` (which is not changed) and return its
-    ranking: the removed units in order, then the critical ones, least beneficial first.
+    ranking: the removed units in order, then the critical ones in `critical_order`.
 
     S is `manifold`, or the task's for `seed`; the seed also orders the units of each layer.
     `checkpoint(state)` receives every decision so far, at most every `checkpoint_seconds`
@@ -78,7 +79,10 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
     engine, speculation = trials.engine, trials.speculation
     log.info("analysis (%s engine): %d passes over S in %.1f s%s", type(engine).__name__, engine.passes,
              time.perf_counter() - started, speculation.summary() if speculation and speculation.k > 1 else "")
-    return record.ranking(meta)
+    if analysis.options.critical_order != "effect":  # "effect" is the paper's order (and older plans')
+        meta["critical_order"] = analysis.options.critical_order
+    return record.ranking(meta, lambda removed, critical: order_tail(
+        analysis.model, analysis.units, removed, critical, lambda s: -s.xi, analysis.options.critical_order))
 
 
 def _announce(walk: Walk, analysis: Analysis, manifold: Manifold, engine) -> None:
