@@ -28,7 +28,8 @@ from cswap.engine import make_engine  # noqa: E402
 from cswap.interfaces import RANKED, PlanStep  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
-from cswap.replay import replay  # noqa: E402
+from cswap.options import Target  # noqa: E402
+from cswap.replay import prune  # noqa: E402
 
 
 def one_shot_plan(a, sample_set) -> PruningPlan:
@@ -38,8 +39,8 @@ def one_shot_plan(a, sample_set) -> PruningPlan:
     base = float(engine.baseline().values.mean())
     harm = {u: base - float(engine.trial(u).values.mean()) for layer in a.units.layers for u in layer.units()}
     steps = [PlanStep(u, RANKED, score=h) for u, h in sorted(harm.items(), key=lambda kv: kv[1])]
-    return PruningPlan.build(a.model, a.units, steps, method="one_shot_ls", adapter=a.adapter_name,
-                             meta={"intervention": "least_squares", "ridge": a.options.ridge})
+    return PruningPlan.build(a.model, a.units, steps, method="one_shot_ls", adapter=a.adapter_name, seed=0,
+                             intervention="least_squares", ridge=a.options.ridge)
 
 
 def main() -> None:
@@ -47,14 +48,14 @@ def main() -> None:
     a, _ = analysis_from_config(demo_config(overrides=["pruning.recovery=none"]))
     sample_set = a.task.manifold(0)
     progressive_a = replace(a, options=a.options.model_copy(update={"intervention": "least_squares"}))
-    plans = {"progressive": PruningPlan.from_ranking(a.model, a.units, progressive_prune(progressive_a, 0),
-                                                     adapter=a.adapter_name),
+    plans = {"progressive": PruningPlan.from_analysis(a, progressive_prune(progressive_a, 0)),
              "one-shot": one_shot_plan(a, sample_set)}
     for name, plan in plans.items():
         cells = []
         for ratio in (0.3, 0.5, 0.7):
-            out = replay(plan, a.model, plan.prefix_for(ratio), adapter=a.adapter, graph=a.units, sample_set=sample_set)
-            cells.append(f"{ratio:.0%}: {100 * a.task.evaluate(out.pruned)['accuracy']:.2f} %")
+            target = Target(params_ratio=ratio, recovery="none")  # the compensated cut alone, no further recovery
+            out = prune(plan, a.model, target, sample_set, adapter=a.adapter, graph=a.units)
+            cells.append(f"{ratio:.0%}: {100 * a.task.evaluate(out.model)['accuracy']:.2f} %")
         print(f"{name:<12} " + ", ".join(cells), flush=True)
 
 

@@ -45,6 +45,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # cswap and the repository's plugins (tasks, scorers, adapters, criteria)
 
 from benchmarks.datasets import fashion_mnist_root  # noqa: E402
+from cswap.options import Target  # noqa: E402
+from cswap.replay import removed_model, steps_for  # noqa: E402
 
 FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot")
@@ -80,11 +82,16 @@ def train(model, task, n_train: int, steps: int, lr: float, batch: int, seed: in
             "train_images": n_train, "seed": seed}
 
 
+def params_steps(setup, plan, ratio: float) -> int:
+    """The fewest steps of `plan` removing `ratio` of the parameters (`cswap.replay.steps_for`)."""
+    return steps_for(plan, setup.model, Target(params_ratio=ratio), setup.adapter)[0]
+
+
 def costs_at(setup, plan, k: int, label: str, repeats: int) -> dict:
     """mAP and params / MACs / latency of the model with the first k units of `plan` removed."""
     from cswap.metrics import model_costs
 
-    pruned = plan.apply_prefix(setup.model, k, adapter=setup.adapter)
+    pruned = removed_model(plan, setup.model, k, Target(), setup.adapter)  # these plans replay without recovery
     x = setup.task.example_inputs()
     return {"plan": label, "units_removed": k, **{m: v for m, v in setup.task.evaluate(pruned).items()
                                                   if m in ("mAP50", "mAP")},
@@ -101,7 +108,7 @@ def diagnose(setup, plan, k: int, label: str) -> dict:
     from cswap.scorers.detection import DetectionMatchScorer
 
     task = setup.task
-    pruned = plan.apply_prefix(setup.model, k, adapter=setup.adapter).eval()
+    pruned = removed_model(plan, setup.model, k, Target(), setup.adapter).eval()
     detections, truth = task.detections(pruned)
     found = total = 0
     false_pos = {0.05: 0, 0.3: 0}
@@ -271,7 +278,7 @@ def main(argv=None) -> int:
     costs.append(costs_at(setup, plan, plan.num_noncritical, "cswap seed 0: its non-critical units", args.latency_repeats))
     for name in ("random", "magnitude"):
         other = PruningPlan.load(work / "plans" / f"{name}-seed0.json")
-        costs.append(costs_at(setup, other, other.prefix_for(ratio), f"{name} seed 0 at the same params ratio",
+        costs.append(costs_at(setup, other, params_steps(setup, other, ratio), f"{name} seed 0 at the same params ratio",
                               args.latency_repeats))
 
 
@@ -280,7 +287,7 @@ def main(argv=None) -> int:
     for spec in specs:
         other = PruningPlan.load(work / "plans" / f"{spec.label.replace('/', '-')}-seed0.json")
         for r in (0.0, 0.1, 0.2, 0.3, 0.4, ratio):
-            diagnostics.append(diagnose(setup, other, other.prefix_for(r), spec.label))
+            diagnostics.append(diagnose(setup, other, params_steps(setup, other, r), spec.label))
     (out / "diagnostics.csv").write_text(rows_csv(diagnostics))
 
     (out / "setup.json").write_text(json.dumps({

@@ -8,7 +8,7 @@ Debian's dataset-fashion-mnist, briefly trained here, seeded): `full` (a whole f
 per unit: the naive reference), `staged` (cached prefix, bitwise-equal scores) and `delta`
 (plus the first reader's rank-one update). It asserts that the staged plan is byte-identical
 to the naive one and that the delta plan makes the same decisions, prints the unavoidable MAC
-share (cswap/bound.py) beside the measured time ratios, and a scaling series. Options add
+share (benchmarks/bound.py) beside the measured time ratios, and a scaling series. Options add
 the staged engine with several units per pass (`--unit-batches`) and the causal baselines
 C-BP and AMP on both engines (`--baselines cbp,amp`). Results go to
 docs/results/engine_speed.json and are quoted in docs/results/performance.md.
@@ -34,11 +34,11 @@ from torch import nn  # noqa: E402
 
 from benchmarks.datasets import fashion_mnist_root  # noqa: E402
 from cswap import registry  # noqa: E402
-from cswap.bound import unavoidable_share  # noqa: E402
+from benchmarks.bound import unavoidable_share  # noqa: E402
 from cswap.build import resolve_adapter, units_of  # noqa: E402
 from cswap.interfaces import Analysis  # noqa: E402
 from cswap.models.cifar_resnet import CifarResNet  # noqa: E402
-from cswap.options import PruningOptions  # noqa: E402
+from cswap.options import AnalysisOptions  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.tasks.classification import ClassificationTask  # noqa: E402
@@ -80,22 +80,21 @@ def _setup(model, samples_per_class: int, seed: int, **options) -> Analysis:
     task = ClassificationTask.from_tensors(x, y, samples_per_class)
     return Analysis(model, units_of(adapter, model, x[:1], verify=False), task,
                     registry.create("scorers", "class_probability"), registry.create("tests", "paired_t", {}),
-                    adapter, name, torch.device("cpu"), PruningOptions(**options), example_inputs=x[:1])
+                    adapter, name, torch.device("cpu"), AnalysisOptions(**options), example_inputs=x[:1])
 
 
 def baseline(model, samples_per_class: int, name: str, engine: str, seed: int = 0):
     """A causal baseline criterion (cbp, amp) with the given engine: its plan and seconds."""
     a = _setup(model, samples_per_class, seed, engine=engine)
     t0 = time.perf_counter()
-    plan = PruningPlan.from_ranking(model, a.units, registry.create("criteria", name).rank(a, seed),
-                                    adapter=a.adapter_name)
+    plan = PruningPlan.from_analysis(a, registry.create("criteria", name).rank(a, seed))
     return plan, time.perf_counter() - t0
 
 
 def analysis(model, samples_per_class: int, engine: str, seed: int = 0, unit_batch: int = 1):
     a = _setup(model, samples_per_class, seed, engine=engine, unit_batch=unit_batch)
     t0 = time.perf_counter()
-    plan = PruningPlan.from_ranking(model, a.units, progressive_prune(a, seed), adapter=a.adapter_name)
+    plan = PruningPlan.from_analysis(a, progressive_prune(a, seed))
     return plan, time.perf_counter() - t0, a.units
 
 
@@ -169,7 +168,7 @@ def main() -> None:
         for name in [n for n in args.baselines.split(",") if n]:
             timed = {engine: baseline(model, mk, name, engine) for engine in ("full", "auto")}
             same = [st.to_json() for st in timed["full"][0].steps] == [st.to_json() for st in timed["auto"][0].steps]
-            assert same and timed["auto"][0].meta["engine"] == "Staged", f"{name}: the staged engine changed the plan"
+            assert same and timed["auto"][0].meta["engine"] == "staged", f"{name}: the staged engine changed the plan"
             row.setdefault("baselines", {})[name] = {
                 "seconds_full": timed["full"][1], "seconds_staged": timed["auto"][1], "plan_identical": same,
                 "speedup": timed["full"][1] / timed["auto"][1]}

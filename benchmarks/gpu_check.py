@@ -52,7 +52,7 @@ from torch import nn  # noqa: E402
 
 from cswap.build import analysis_for  # noqa: E402
 from cswap.interfaces import Analysis, UnitGraph  # noqa: E402
-from cswap.options import PruningOptions  # noqa: E402
+from cswap.options import AnalysisOptions  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.precision import tf32_allowed  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
@@ -180,11 +180,11 @@ def staged_scores_equal_full(analysis: Analysis, units_per_layer: int = 2) -> di
     manifold = analysis.task.manifold(0)
     trials = {kind: Trials(dataclasses.replace(analysis, options=analysis.options.model_copy(update={"engine": kind})),
                            manifold) for kind in ("full", "staged")}
-    engines = {kind: type(t.engine).__name__ for kind, t in trials.items()}
+    engines = {kind: t.engine.kind for kind, t in trials.items()}
     units = [u for layer in analysis.units.layers for u in layer.units()[:units_per_layer]]
     differing = [str(u) for u in units
                  if not np.array_equal(trials["full"].trial([u], None)[0].values, trials["staged"].trial([u], None)[0].values)]
-    return {"ok": not differing and engines == {"full": "FullForward", "staged": "Staged"}, "units": len(units),
+    return {"ok": not differing and engines == {"full": "full", "staged": "staged"}, "units": len(units),
             "differing": differing[:10], "engines": engines}
 
 
@@ -289,7 +289,7 @@ def check(sizes: Sizes, out: Path) -> dict:
         correctness = {"cut_equals_removal": cut_equals_removal(sizes)}
         model = timing_model(sizes)
         analysis = analysis_for(model, random_task(sizes), device=sizes.device,
-                                options=PruningOptions(verify_units=False), example_inputs=torch.zeros(1, 3, sizes.image, sizes.image))
+                                options=AnalysisOptions(verify_units=False), example_inputs=torch.zeros(1, 3, sizes.image, sizes.image))
         env["units"], env["layers"] = analysis.units.num_units, len(analysis.units.layers)
         correctness["staged_scores_equal_full"] = staged_scores_equal_full(subset(analysis, sizes.naive_layers))
         _write(out / "correctness.json", {"environment": env, **correctness})

@@ -6,7 +6,7 @@
 
 For each model a plan, then four operating points replayed from it: the original; the shortest
 prefix removing 50 % of the parameters; the same target replayed with every pruned width a
-multiple of 8 (`PruningPlan.aligned(8)`); and the shortest prefix measured 1.5x faster at batch 1
+multiple of 8 (`Target(round_to=8)`); and the shortest prefix measured 1.5x faster at batch 1
 (`cswap.latency.latency_search`: a per-layer latency table, then measurements). All points of a
 model are then timed in turns (`cswap.metrics.compare_costs`, at batch 1 and 64), so machine load
 hits them alike and their ratios are comparable within the run; absolute milliseconds are not.
@@ -40,9 +40,11 @@ from cswap.build import analysis_for, analysis_from_config, resolve_adapter  # n
 from cswap.demo import demo_config  # noqa: E402
 from cswap.latency import LatencyTable, latency_search  # noqa: E402
 from cswap.metrics import compare_costs  # noqa: E402
+from cswap.options import Target  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.pruner import progressive_prune  # noqa: E402
 from cswap.removal import count_params  # noqa: E402
+from cswap.replay import adapter_of, prune, removed_model  # noqa: E402
 from cswap.tasks.classification import ClassificationTask  # noqa: E402
 
 PARAMS_RATIO, ROUND_TO, TARGET, BATCH = 0.5, 8, 1.5, 64
@@ -52,8 +54,7 @@ def demo(quick: bool):
     """The demo ResNet-8 with its checkpoint, its C-SWAP plan, and its task (for accuracy)."""
     cfg = demo_config(16 if quick else 32)
     analysis, _ = analysis_from_config(cfg)
-    plan = PruningPlan.from_ranking(analysis.model, analysis.units, progressive_prune(analysis, cfg.seed),
-                                    adapter=analysis.adapter_name)
+    plan = PruningPlan.from_analysis(analysis, progressive_prune(analysis, cfg.seed))
     return analysis.model, plan, analysis.task
 
 
@@ -100,17 +101,17 @@ MODELS = {
 def operating_points(model: nn.Module, plan: PruningPlan, min_seconds: float) -> dict[str, tuple[nn.Module, dict]]:
     """The pruned models of one plan, each with how it was chosen (steps, what the search measured)."""
     points = {"original": (model, {"steps": 0})}
-    k = plan.prefix(model, params_ratio=PARAMS_RATIO)
-    points[f"params {PARAMS_RATIO:.0%}"] = (plan.apply_prefix(model, k), {"steps": k})
-    aligned = plan.aligned(ROUND_TO)
-    k = aligned.prefix(model, params_ratio=PARAMS_RATIO)
-    points[f"params {PARAMS_RATIO:.0%}, round_to {ROUND_TO}"] = (aligned.apply_prefix(model, k), {"steps": k})
+    adapter = adapter_of(plan)
+    for round_to, label in ((None, f"params {PARAMS_RATIO:.0%}"), (ROUND_TO, f"params {PARAMS_RATIO:.0%}, round_to {ROUND_TO}")):
+        target = Target(params_ratio=PARAMS_RATIO, round_to=round_to, recovery="none")  # shapes: latency
+        pruned = prune(plan, model, target, adapter=adapter)
+        points[label] = (pruned.model, {"steps": pruned.steps})
     started = time.perf_counter()
-    table = LatencyTable.measure(plan, model, 1, min_seconds=min_seconds)
-    search = latency_search(plan, model, TARGET, table, min_seconds=min_seconds)
+    table = LatencyTable.measure(plan, model, 1, adapter=adapter, min_seconds=min_seconds)
+    search = latency_search(plan, model, TARGET, table, adapter=adapter, min_seconds=min_seconds)
     info = {"steps": search.steps, "search": search.to_json(), "table_scale": round(table.scale, 3),
             "table_seconds": table.seconds, "search_seconds": round(time.perf_counter() - started, 1)}
-    points[f"latency x{TARGET}"] = (plan.apply_prefix(model, search.steps), info)
+    points[f"latency x{TARGET}"] = (removed_model(plan, model, search.steps, Target(), adapter), info)
     return points
 
 
@@ -182,6 +183,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_keeping_sections(path: Path, text: str) -> None:
+    """Write this benchmark's part of latency.md and keep what another script wrote after it
+    (benchmarks/latency_backends.py's section between its markers, and the reading below it)."""
+    marker = "<!-- latency_backends: start -->"
+    old = path.read_text() if path.exists() else ""
+    kept = old[old.index(marker):] if marker in old else ""
+    path.write_text(text.rstrip("\n") + ("\n\n" + kept if kept else "\n"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer timing rounds, demo S at M_k = 16")
@@ -197,7 +207,7 @@ def main() -> None:
     for name in names:
         result["models"][name] = measure(name, args.quick)
         args.out.write_text(json.dumps(result, indent=1) + "\n")  # after every model: a long run is never lost
-        args.out.with_suffix(".md").write_text(markdown(result))
+        _write_keeping_sections(args.out.with_suffix(".md"), markdown(result))
         print(f"{name}: done in {result['models'][name]['seconds']} s", flush=True)
     print(markdown(result))
 

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> Path:
                    help="folder with the four IDX files (default: $CSWAP_FASHION_MNIST, else Debian's; see benchmarks/datasets.py)")
     p.add_argument("--per-class", type=int, default=64, help="manifold images per class (train split)")
     p.add_argument("--eval-per-class", type=int, default=200, help="evaluation images per class (test split)")
+    p.add_argument("--validation-per-class", type=int, default=300,
+                   help="validation images per class (train split, none of the manifold images): what a quality "
+                   "target (pruning.max_drop) is checked on; drawn last, so the other arrays do not depend on it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "cswap" / "demo" / "fashion_mnist_subset.npz")
     args = p.parse_args(argv)
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> Path:
     test_images, test_labels = load_mnist_split(args.root, "test")
     m = balanced_sample(train_labels, args.per_class, rng)
     e = balanced_sample(test_labels, args.eval_per_class, rng)
+    rest = np.setdiff1d(np.arange(len(train_labels)), m)
+    v = rest[balanced_sample(train_labels[rest], args.validation_per_class, rng)]
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
@@ -65,9 +70,11 @@ def main(argv: list[str] | None = None) -> Path:
         manifold_labels=train_labels[m].astype(np.int64),
         eval_images=np.ascontiguousarray(test_images[e], dtype=np.uint8),
         eval_labels=test_labels[e].astype(np.int64),
+        validation_images=np.ascontiguousarray(train_images[v], dtype=np.uint8),
+        validation_labels=train_labels[v].astype(np.int64),
         classes=np.array(FASHION_MNIST_CLASSES, dtype=np.str_),
     )
-    print(f"wrote {args.out}: {len(m)} manifold (train) + {len(e)} eval (test) images, "
+    print(f"wrote {args.out}: {len(m)} manifold (train) + {len(e)} eval (test) + {len(v)} validation (train) images, "
           f"{args.out.stat().st_size / 1024:.0f} KiB")
     return args.out
 

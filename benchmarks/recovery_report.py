@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cswap.sauce import sauce
 
-AT = (0.3, 0.5, 0.7)
+AT = (0.3, 0.5, 0.7, 0.8)
+ROW_KEYS = ("target", "params_ratio", "steps", "recovery_seconds", "narrowest")
 
 
 def _load(work: Path) -> dict:
@@ -38,7 +39,7 @@ def _load(work: Path) -> dict:
 
 
 def _metric(rows: list[dict]) -> str:
-    return next(k for k in rows[0] if k not in ("target", "params_ratio", "steps", "recovery_seconds"))
+    return next(k for k in rows[0] if k not in ROW_KEYS)
 
 
 def _sauce(result: dict) -> float:
@@ -52,6 +53,17 @@ def _at(result: dict, target: float) -> float | None:
     m = _metric(rows)
     hit = [r for r in rows if abs(r["target"] - target) < 1e-9]
     return 100 * hit[0][m] if hit else None
+
+
+def _narrowest(results: list[dict], target: float = 0.7) -> str:
+    """The layer left with the smallest share of its width at `target`, over the seeds
+    ("layer after/before"), or "–" when the curves predate that record."""
+    hits = [r["narrowest"] for res in results for r in res["rows"]
+            if abs(r["target"] - target) < 1e-9 and r.get("narrowest")]
+    if not hits:
+        return "–"
+    name, before, after = min(hits, key=lambda h: (h[2] / h[1], h[0]))
+    return f"`{name}` {after}/{before}"
 
 
 def _mean(values: list[float]) -> str:
@@ -75,11 +87,12 @@ def summarise(models: dict) -> dict:
                 "sauce_std": statistics.stdev([_sauce(r) for r in results]) if len(results) > 1 else 0.0,
                 **{f"at_{int(t * 100)}": _avg([_at(r, t) for r in results]) for t in AT},
                 "noncritical": results[0].get("noncritical"),
+                "narrowest_70": _narrowest(results),
                 "recovery_seconds": statistics.mean(max((x["recovery_seconds"] for x in r["rows"]), default=0.0)
                                                     for r in results),
             }
-        out[model] = {"unpruned": data["unpruned"], "rows": rows,
-                      "analysis_seconds": {k: statistics.mean(p["seconds"] for p in v) for k, v in data["plans"].items()}}
+        seconds = {k: statistics.mean(p["seconds"] for p in v) for k, v in data["plans"].items()}
+        out[model] = {"unpruned": data["unpruned"], "rows": rows, "analysis_seconds": seconds}
     return out
 
 
@@ -116,17 +129,19 @@ def _model_markdown(model: str, s: dict) -> list[str]:
             cells.append("n/a" if row is None else (f"{row['sauce']:.1f}" + (f" ± {row['sauce_std']:.1f}"
                                                                               if row["seeds"] > 1 else "")))
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines += ["", "Each criterion with its best recovery: accuracy at 30 / 50 / 70 % of parameters removed, the "
-              "non-critical-only point (C-SWAP rows), analysis and recovery time:", "",
-              "| criterion | best recovery | SAUCE | 30 % | 50 % | 70 % | non-critical only | analysis (s) | "
-              "recovery at most (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Each criterion with its best recovery: accuracy at 30 / 50 / 70 / 80 % of parameters removed, "
+              "the layer left narrowest at 70 % (channels kept / width, the worst seed), the non-critical-only "
+              "point (C-SWAP rows), analysis and recovery time:", "",
+              "| criterion | best recovery | SAUCE | 30 % | 50 % | 70 % | 80 % | narrowest at 70 % | non-critical only "
+              "| analysis (s) | recovery at most (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c, row in sorted(_best(s).items(), key=lambda kv: -kv[1]["sauce"]):
         nc = row["noncritical"]
         nc_text = f"{100 * nc['params_ratio']:.1f} % removed: {100 * nc[metric]:.2f} %" if nc else "–"
         cells = [f"{row[f'at_{int(t * 100)}']:.2f}" if row[f"at_{int(t * 100)}"] is not None else "–" for t in AT]
         analysis = s["analysis_seconds"].get(c)
         lines.append(f"| {c} | {row['recovery']} | {row['sauce']:.1f} | " + " | ".join(cells) +
-                     f" | {nc_text} | {analysis:.1f} | {row['recovery_seconds']:.2f} |" if analysis is not None else "")
+                     f" | {row['narrowest_70']} | {nc_text} | {analysis:.1f} | {row['recovery_seconds']:.2f} |"
+                     if analysis is not None else "")
     gram = s["unpruned"].get("largest_gram")
     if gram:
         lines += ["", f"Largest least-squares system: {gram['columns']} columns at `{gram['module']}` "
@@ -162,37 +177,71 @@ def _plot(model: str, models: dict, s: dict, out: Path) -> Path:
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.margins(y=0.05)
     fig.tight_layout()
-    path = out / "recovery" / f"{model}.png"
+    path = out / f"{model}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(work: Path, out: Path) -> str:
+TITLES = {"recovery": "Recovery after removal: criteria × compensated cut × closed-form repair",
+          "tail_order": "The order of the critical tail: keeping layers from emptying (issue #27)"}
+
+
+def _across_models(summary: dict, recovery: str = "least_squares") -> list[str]:
+    """One table per quantity: every criterion (rows) on every model (columns) under
+    `recovery`, mean over seeds (a cell's seed count in brackets when it is not 3)."""
+    models = [m for m, s in summary.items() if s["rows"]]
+    labels = list(dict.fromkeys(r["criterion"] for m in models for r in summary[m]["rows"].values()
+                                if r["recovery"] == recovery))
+    lines = [f"## Across models ({recovery} recovery)", ""]
+    for key, title in (("sauce", "SAUCE"), ("at_70", "accuracy (or mIoU) at 70 % removed"),
+                       ("at_80", "at 80 % removed")):
+        lines += [f"{title}, mean over seeds:", "", "| criterion | " + " | ".join(models) + " |",
+                  "|---|" + "---|" * len(models)]
+        for label in labels:
+            cells = []
+            for m in models:
+                row = summary[m]["rows"].get(f"{label}|{recovery}")
+                value = None if row is None else row[key]
+                seeds = "" if value is None or row["seeds"] == 3 else f" [{row['seeds']}]"
+                cells.append("" if value is None else f"{value:.1f}{seeds}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_report(work: Path, out: Path, name: str = "recovery") -> str:
+    """`out/<name>.md` (with `benchmarks/<name>_notes.md`, the hand-written reading, appended),
+    `.json`, `.csv` and `out/<name>/<model>.png`, from the caches under `work`."""
     models = _load(work)
     summary = summarise(models)
-    lines = ["# Recovery after removal: criteria × compensated cut × closed-form repair", "",
-             "Made by `python benchmarks/recovery.py` (resumable; `--report-only` rebuilds this page). Accuracy on "
-             "each model's held-out split; calibration is the seed's S from the sample split. SAUCE over the "
-             "ratios 0, 0.1, …, 0.9 of parameters removed (and the plan's last reachable point). One process, one "
-             "torch thread, on a shared 2-core machine (not idle): compare times within a table.", ""]
+    lines = [f"# {TITLES.get(name, name)}", "",
+             f"Made by `python benchmarks/recovery.py --work {work} --report {name}` (resumable; add `--report-only` "
+             "to rebuild this page). Accuracy on each model's held-out split; calibration is the seed's S from the "
+             "sample split. SAUCE over the ratios 0, 0.1, …, 0.9 of parameters removed (and the plan's last "
+             "reachable point). One process, one torch thread, on a shared 2-core machine (not idle): compare "
+             "times within a table.", ""]
+    if name != "recovery":
+        lines += _across_models(summary)
     for model, s in summary.items():
         if not s["rows"]:
             continue  # started, nothing replayed yet
         lines += _model_markdown(model, s)
-        lines += [f"![{model}](recovery/{_plot(model, models, s, out).name})", ""]
-    notes = Path(__file__).with_name("recovery_notes.md")  # the hand-written reading, kept across reruns
+        lines += [f"![{model}]({name}/{_plot(model, models, s, out / name).name})", ""]
+    notes = Path(__file__).with_name(f"{name}_notes.md")  # the hand-written reading, kept across reruns
     if notes.is_file():
         lines += [notes.read_text()]
     text = "\n".join(lines)
-    (out / "recovery.md").write_text(text)
-    (out / "recovery.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    with open(out / "recovery.csv", "w", newline="") as f:
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "criterion", "recovery", "seeds", "sauce", "sauce_std", "at_30", "at_50", "at_70"])
+        writer.writerow(["model", "criterion", "recovery", "seeds", "sauce", "sauce_std"] +
+                        [f"at_{int(t * 100)}" for t in AT] + ["narrowest_70"])
         for model, s in summary.items():
             for row in s["rows"].values():
                 writer.writerow([model, row["criterion"], row["recovery"], row["seeds"], round(row["sauce"], 3),
-                                 round(row["sauce_std"], 3)] + [row[f"at_{int(t * 100)}"] for t in AT])
+                                 round(row["sauce_std"], 3)] + [row[f"at_{int(t * 100)}"] for t in AT] +
+                                [row["narrowest_70"]])
     return text

@@ -99,14 +99,16 @@ def pruned_costs(model, plans: Path, task, adapter, example) -> list[dict]:
     """Each C-SWAP plan replayed over all its non-critical units (its own stopping point):
     parameters, MACs, latency and mIoU of the pruned model beside the original's."""
     from cswap.metrics import model_costs
+    from cswap.options import Target
     from cswap.plan import PruningPlan
+    from cswap.replay import removed_model
 
     rows = [{"model": "original", **model_costs(model, example, batch=16, repeats=20),
              "mIoU": task.evaluate(model)["mIoU"]}]
     for path in sorted(plans.glob("cswap-seed*.json")):
         plan = PruningPlan.load(path)
         k = plan.num_noncritical
-        pruned = plan.apply_prefix(model, k, adapter=adapter)
+        pruned = removed_model(plan, model, k, Target(), adapter)  # these plans replay without recovery
         rows.append({"model": f"cswap {path.stem.split('-')[-1]}: {k} non-critical units removed",
                      "params_removed": plan.cumulative_params_removed()[k] / plan.params_total,
                      **model_costs(pruned, example, batch=16, repeats=20), "mIoU": task.evaluate(pruned)["mIoU"]})

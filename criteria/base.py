@@ -32,7 +32,7 @@ class RankingCriterion(Criterion):
     def rank(self, analysis: Analysis, seed: int) -> Ranking:
         analysis.model.eval()
         steps = rank_globally(self.scores(analysis, seed), analysis.units, seed, normalize=self.options.normalize)
-        return Ranking(self.name, steps, meta={"seed": seed, "options": self.options.model_dump()})
+        return Ranking(self.name, steps, meta={"options": self.options.model_dump()}, seed=seed)
 
 
 # ---- helpers of the criteria that attribute to channels ----------------------------------

@@ -12,14 +12,12 @@ multiple of k (ties hold back), always the layer's first n_l units in the plan's
 units of a layer's share are held back, or the layer's next units in the plan brought forward.
 A layer the replay does not touch keeps its width (0 is always allowed), and a layer narrower
 than k is never pruned. The removed set grows with m (n_l is monotone in m_l), so for a target
-the smallest m whose aligned set reaches it is found by bisection (`smallest_prefix`), and
+the smallest m whose aligned set reaches it is found by bisection (`cswap.bisection`), and
 the result lands within one aligned block of the target instead of one unit.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
-
 from .interfaces import PlanStep, Unit
 
 
@@ -38,6 +36,14 @@ def aligned_count(channels: int, wanted: int, available: int, k: int) -> int:
     return min([0, *feasible], key=lambda n: (abs(n - wanted), n))
 
 
+def prefix_units(steps: list[PlanStep], layers: dict[str, int], m: int, round_to: int | None) -> list[Unit]:
+    """The units a replay of the first `m` steps removes, in plan order: the steps' own units,
+    or with `round_to` each layer's count made aligned (`aligned_count`)."""
+    if not round_to:
+        return [s.unit for s in steps[:m]]
+    return aligned_units(steps, layers, m, round_to)
+
+
 def aligned_units(steps: list[PlanStep], layers: dict[str, int], m: int, k: int) -> list[Unit]:
     """The units an aligned replay of the first `m` steps removes, in plan order."""
     chosen: list[int] = []
@@ -45,18 +51,3 @@ def aligned_units(steps: list[PlanStep], layers: dict[str, int], m: int, k: int)
         wanted = sum(1 for i in positions if i < m)
         chosen += positions[:aligned_count(int(layers[layer]), wanted, len(positions), k)]
     return [steps[i].unit for i in sorted(chosen)]
-
-
-def smallest_prefix(n: int, reaches: Callable[[int], bool]) -> int | None:
-    """The smallest m in 0..n with `reaches(m)`, for a `reaches` monotone in m; None when even
-    m = n does not reach."""
-    if not reaches(n):
-        return None
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if reaches(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo

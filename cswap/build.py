@@ -8,16 +8,19 @@ or torch-pruning's dependency groups, each layer checked (`cswap.verify`) before
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import registry
-from .config import ModelConfig, PluginRef, RunConfig
+from .config import ModelConfig, PluginRef, RunConfig, check_device_available
 from .discovery import discover
+from .estimate import shrunk_inputs
 from .errors import ConfigError, ModelError
 from .files import load_checkpoint
 from .interfaces import Analysis, ArchitectureAdapter, ScoringFunction, SignificanceTest, Task, UnitGraph
+from .pairing import paired_for
 from .verify import verify_units
 
 log = logging.getLogger("cswap")
@@ -172,28 +175,63 @@ def warn_random_weights(cfg: ModelConfig, note: str) -> None:
         log.warning(msg)
 
 
-def analysis_from_config(cfg: RunConfig, *, progress: bool = False, random_if_missing: bool = False,
-                         on_device: bool = True) -> tuple[Analysis, str]:
-    """The analysis a config describes, and where the model's weights came from. Options of
-    every plugin are validated first (before the model and the data are read); the model is
-    in eval mode, its units built and checked, and it is on `cfg.device` unless `on_device`
-    is off (`--dry-run` needs no device)."""
+@dataclass
+class Parts:
+    """What a config builds before the units: the plugins, the model (eval mode, on the CPU)
+    with where its weights came from, and an example input. A run checks its data on these
+    (S drawn, every class covered) before the units are traced and verified, the slow part."""
+
+    task: Task
+    scorer: ScoringFunction
+    test: SignificanceTest
+    model: nn.Module
+    note: str
+    adapter_name: str
+    adapter: ArchitectureAdapter
+    example_inputs: torch.Tensor
+
+
+def parts_from_config(cfg: RunConfig, *, random_if_missing: bool = False, on_device: bool = True) -> Parts:
+    """The parts a config describes. Options of every plugin are validated first (before the
+    model and the data are read), and whether the test can judge the scorer; the device is
+    checked only when the run will use it (`--dry-run` needs none)."""
     torch.manual_seed(cfg.seed)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if on_device:
+        check_device_available(cfg.device)  # a GPU config still validates and dry-runs on a CPU
     task = build_task(cfg.task)
     scorer, test = build_scorer(cfg.scorer, task), build_test(cfg.test, task)
+    paired_for(test, scorer, (cfg.test.name if cfg.test else task.default_test),
+               (cfg.scorer.name if cfg.scorer else task.default_scorer))  # before the model and units are built
     model, note = build_model(cfg.model, random_if_missing=random_if_missing)
     log.info("model %s:%s, %s", cfg.model.source, cfg.model.name, note)
     warn_random_weights(cfg.model, note)
     adapter_name, adapter = resolve_adapter(cfg.adapter, model)
     task.bind_model(model)
-    x = task.example_inputs()
-    graph = units_of(adapter, model, x, verify=cfg.pruning.verify_units)
+    return Parts(task, scorer, test, model, note, adapter_name, adapter, task.example_inputs())
+
+
+def analysis_from_parts(parts: Parts, cfg: RunConfig, *, progress: bool = False, on_device: bool = True,
+                        probe_side: int | None = None) -> Analysis:
+    """The analysis of `parts`: the units built and checked, the model on `cfg.device` unless
+    `on_device` is off. `probe_side` traces and checks the units on the example input shrunk
+    to that many pixels a side where the model takes it (`--dry-run`: the units of a CNN do
+    not depend on the image size; `cswap.estimate.shrunk_inputs`)."""
+    p, x = parts, parts.example_inputs
+    traced = shrunk_inputs(p.model, x, probe_side) if probe_side is not None else x
+    graph = units_of(p.adapter, p.model, traced, verify=cfg.pruning.verify_units)
     device = torch.device(cfg.device if on_device else "cpu")
-    analysis = Analysis(model.to(device).eval(), graph, task, scorer, test, adapter, adapter_name, device,
-                        cfg.pruning, progress, x)
-    return analysis, note
+    return Analysis(p.model.to(device).eval(), graph, p.task, p.scorer, p.test, p.adapter, p.adapter_name, device,
+                    cfg.pruning.analysis, progress, x)
+
+
+def analysis_from_config(cfg: RunConfig, *, progress: bool = False, random_if_missing: bool = False,
+                         on_device: bool = True, probe_side: int | None = None) -> tuple[Analysis, str]:
+    """The analysis a config describes (`parts_from_config`, then `analysis_from_parts`), and
+    where the model's weights came from."""
+    parts = parts_from_config(cfg, random_if_missing=random_if_missing, on_device=on_device)
+    return analysis_from_parts(parts, cfg, progress=progress, on_device=on_device, probe_side=probe_side), parts.note
 
 
 def analysis_for(model: nn.Module, task: Task, *, scorer: ScoringFunction | str | None = None,
@@ -202,13 +240,15 @@ def analysis_for(model: nn.Module, task: Task, *, scorer: ScoringFunction | str 
                  example_inputs: torch.Tensor | None = None) -> Analysis:
     """The analysis of live objects (the Python API's, tests', benchmarks'): plugins given as
     objects or registered names (default: the task's scorer and test, the adapter that
-    matches), `options` a `PruningOptions` (default: the defaults); units built and, unless
+    matches), `options` an `AnalysisOptions` (default: the defaults); units built and, unless
     `options.verify_units` is off, checked."""
-    from .options import PruningOptions
+    from .options import AnalysisOptions
 
-    options = options if options is not None else PruningOptions()
-    scorer = registry.create("scorers", scorer or task.default_scorer) if not isinstance(scorer, ScoringFunction) else scorer
-    test = registry.create("tests", test or task.default_test) if not isinstance(test, SignificanceTest) else test
+    options = options if options is not None else AnalysisOptions()
+    if not isinstance(scorer, ScoringFunction):
+        scorer = registry.create("scorers", scorer or task.default_scorer)
+    if not isinstance(test, SignificanceTest):
+        test = registry.create("tests", test or task.default_test)
     if isinstance(adapter, ArchitectureAdapter):
         adapter_name = adapter.name
     else:

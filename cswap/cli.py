@@ -79,57 +79,86 @@ def _cmd_config(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_run
 
-    path, check = export_run(args.run_dir, args.format, args.out)
+    shape = tuple(_split(args.input_shape, int, "--input-shape")) if args.input_shape else None
+    path, check = export_run(args.run_dir, args.format, args.out, opset=args.opset, input_shape=shape,
+                             dynamic=not args.static)
     print(f"written: {path}" + (f"  ({check})" if check else ""))
     return 0
 
 
 def _cmd_fixture(args) -> int:
-    from .tasks.cityscapes_fixture import make_fixture
+    """A fixture writer registered under `cswap.fixtures` (the core imports no plugin module),
+    into a folder that is empty or new unless --force: nothing of the user's is overwritten."""
+    from .errors import ConfigError
 
-    config = make_fixture(args.out, train_steps=args.train_steps)
-    print(f"written: {args.out}/cityscapes (8 train, 4 val frames), {args.out}/ddrnet_tiny.pth, {config}\n"
-          f"try: cswap prune {config} --dry-run && cswap prune {config}")
+    writer = registry.load("fixtures", args.kind)
+    registry.check_requirements("fixtures", args.kind, writer)
+    if args.train_steps is not None and args.train_steps < 0:
+        raise ConfigError(f"--train-steps must be 0 or more, got {args.train_steps}")
+    _check_fixture_folder(args.out, args.force)
+    config = writer(args.out, train_steps=args.train_steps)
+    written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in args.out.iterdir()))
+    print(f"written: {args.out}: {written}\ntry: cswap prune {config} --dry-run && cswap prune {config}")
     return 0
 
 
-def _split(text: str, cast, what: str) -> list:
-    from .errors import ConfigError
+def _check_fixture_folder(out: Path, force: bool) -> None:
+    from .errors import OutputError
 
-    try:
-        return [cast(t.strip()) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"{what} must be a comma-separated list, got {text!r}") from None
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file, not a folder: give a new or empty folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"{out} is not empty: give a new or empty folder, or --force to write the fixture's files "
+                          "into it (files of the same names are overwritten, others are left alone)")
+
+
+def _split(text: str, cast, what: str) -> list:
+    from .usertext import parse_list
+
+    return parse_list(text, cast, what)
 
 
 def _test_grid(items: list[str]) -> dict[str, list]:
     """`--test-option voting=per_class,pooled` (repeatable) -> {"voting": ["per_class", "pooled"]};
-    each value is read as YAML, like `--set`."""
-    import yaml
-
+    each value is read as YAML, like `--set` (the test's option model validates them)."""
     from .errors import ConfigError
+    from .usertext import parse_yaml_value
 
     grid = {}
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ConfigError(f"--test-option {item!r} is not of the form NAME=VALUE1,VALUE2")
-        grid[key] = [yaml.safe_load(v) for v in values.split(",")]
+        grid[key] = [parse_yaml_value(v, f"--test-option {key}") for v in values.split(",")]
     return grid
 
 
+def _check_seed_count(first: int, count: int) -> None:
+    """`--seeds N` runs seeds first .. first+N-1: at least one, all valid seeds."""
+    from .config import SEED_MAX
+    from .errors import ConfigError
+
+    if count < 1 or first + count - 1 > SEED_MAX:
+        raise ConfigError(f"--seeds {count}: give at least 1, with seed + seeds - 1 <= {SEED_MAX} (seed is {first})")
+
+
 def _cmd_curve(args) -> int:
-    from .config import load_config
+    from .config import check_device_available, load_config
     from .curves import curve_from_config, parse_criteria, parse_ratios
     from .reports import sauce_markdown
+    from .usertext import parse_json_mapping
 
     cfg = load_config(_config_path(args.config), **_overrides(args))
-    specs = parse_criteria(args.criteria, json.loads(args.criterion_options) if args.criterion_options else None)
-    for spec in specs:  # a missing optional extra (captum, zennit) fails now, not after the first criteria
-        registry.check_requirements("criteria", spec.name, registry.load("criteria", spec.name))
+    check_device_available(cfg.device)
+    _check_seed_count(cfg.seed, args.seeds)
+    options = (parse_json_mapping(args.criterion_options, "--criterion-options", '\'{"amp": {"tau": 0.02}}\'')
+               if args.criterion_options else None)
+    specs = parse_criteria(args.criteria, options)
+    for spec in specs:  # a missing optional extra (captum, zennit) or a bad option fails now, before any analysis
+        registry.create("criteria", spec.name, spec.options)
     out = args.out or cfg.output.dir / f"{cfg.name}-curve"
     result, files = curve_from_config(cfg, specs, args.seeds, parse_ratios(args.ratios), out, progress=not args.quiet,
-                                      latency=args.latency)
+                                      latency=args.latency, per_class=args.per_class)
     print(sauce_markdown(result, f"SAUCE: {cfg.name}"))
     print("written: " + ", ".join(str(p) for p in files.values()))
     return 0
@@ -141,8 +170,14 @@ def _cmd_sweep(args) -> int:
     from .reports import write_sweep_outputs
     from .sweep import run_sweep, settings
 
+    from .errors import ConfigError
+
     cfg = load_config(_config_path(args.config), **_overrides(args))
+    _check_seed_count(cfg.seed, args.seeds)
     samples = _split(args.samples_per_class, int, "--samples-per-class") if args.samples_per_class else [None]
+    if any(m is not None and m < 2 for m in samples):
+        raise ConfigError(f"--samples-per-class {args.samples_per_class}: every M_k must be at least 2 (a paired "
+                          "test needs two samples of a class)")
     grid = settings(_split(args.alpha, float, "--alpha"), samples, _test_grid(args.test_option))
     out = args.out or cfg.output.dir / f"{cfg.name}-sweep"
     rows = run_sweep(cfg, grid, args.seeds, parse_ratios(args.ratios), progress=not args.quiet)
@@ -174,20 +209,30 @@ def _version() -> str:
 
 def _add_file_commands(sub) -> None:
     """`config`, `export`, `fixture`: commands that write files for the user to start from or deploy."""
-    s = sub.add_parser("config", help="list the packaged configs, or print one to start from (cswap config demo > my.yaml)")
+    s = sub.add_parser("config", help="list the packaged configs, or print one to start from "
+                       "(cswap config demo > my.yaml)")
     s.add_argument("name", nargs="?", help="a packaged config; its shipped files are named by absolute paths")
     s.set_defaults(func=_cmd_config)
 
     s = sub.add_parser("export", help="export a run's pruned model for deployment (ONNX or torch.export)")
-    s.add_argument("run_dir", type=Path, help="a complete run directory (or a folder written by cswap.save_pruned)")
+    s.add_argument("run_dir", type=Path, help="a complete run directory, or a folder written by cswap.save_pruned "
+                   "(with the model's build recipe: save_pruned(..., builder=...))")
     s.add_argument("--format", choices=("onnx", "torch_export"), default="onnx")
     s.add_argument("--out", type=Path, help="output file (default: RUN_DIR/pruned_model.onnx or .pt2)")
+    s.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
+    s.add_argument("--input-shape", metavar="C,H,W", help="trace on one input of this shape (default: the analysed "
+                   "one); the ONNX file takes any batch, height and width where the model allows it")
+    s.add_argument("--static", action="store_true", help="ONNX: fix every axis at the traced shape")
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("fixture", help="write a tiny Cityscapes-layout folder, a DDRNet trained on it and its config")
-    s.add_argument("kind", choices=("cityscapes",))
-    s.add_argument("out", type=Path, help="folder to write (cityscapes/, ddrnet_tiny.pth, config.yaml)")
-    s.add_argument("--train-steps", type=int, default=40, help="Adam steps of the tiny DDRNet (0: random weights)")
+    s = sub.add_parser("fixture", help="write a small data folder, a model trained on it and its config "
+                       "(cityscapes: DDRNet on Cityscapes-layout frames; detection: RetinaNet on COCO-format scenes)")
+    s.add_argument("kind", help="a registered fixture (cswap list: fixtures): cityscapes, detection")
+    s.add_argument("out", type=Path, help="a new or empty folder to write (data, weights, config.yaml)")
+    s.add_argument("--train-steps", type=int, help="training steps of the model (0: random weights; default: the "
+                   "fixture's)")
+    s.add_argument("--force", action="store_true", help="write into a folder that is not empty (same-named files "
+                   "are overwritten)")
     s.set_defaults(func=_cmd_fixture)
 
 
@@ -227,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criterion-options", metavar="JSON", help='options by criterion, e.g. \'{"amp": {"tau": 0.02}}\'')
     s.add_argument("--seeds", type=int, default=3, help="seeds config.seed, config.seed+1, ...")
     s.add_argument("--ratios", help="parameter ratios (default 0,0.05,...,0.95)")
+    s.add_argument("--per-class", action="store_true", help="also measure every class's metric at each point and "
+                   "plot one curve per class (curve_per_class.png): a mean curve can hide one class collapsing")
     s.add_argument("--latency", action="store_true", help="also time every replayed model against the original "
                    "(batch 1, in turns, on this device) and plot accuracy vs measured speed-up (curve_latency.png)")
     s.add_argument("--set", action="append", default=[], metavar="A.B=C", help="override a config value")
@@ -252,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("prune", "demo", "curve", "sweep"):
         sub.choices[name].add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset "
                                        "(paper: the published Algorithm 1, zero cut, no recovery); --set wins")
+    from .trust import FLAG
+
+    for name in ("prune", "curve", "sweep", "export"):  # never a config field: a received file cannot set it
+        sub.choices[name].add_argument(FLAG, action="store_true", help="let mmengine execute an mmseg .py config of "
+                                       "your own (reading one runs it; configs shipped inside mmseg and YAML/JSON "
+                                       "configs need no flag). Only for files you trust as your own code")
     for sub_parser in sub.choices.values():
         sub_parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
@@ -303,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging(verbose=getattr(args, "verbose", False))
     _init_distributed()
+    from .trust import trust_python_configs
+
     try:
-        return args.func(args)
+        with trust_python_configs(getattr(args, "trust_python_config", False)):
+            return args.func(args)
     except RunInterrupted as exc:
         if args.debug:
             raise

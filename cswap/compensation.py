@@ -33,21 +33,23 @@ from torch import nn
 from .errors import ConfigError
 from .interfaces import Layer, Manifold, Unit, UnitGraph
 from .intervention import Intervention
+from .options import INTERVENTIONS
 from .readers import bias_sinks, columns, features
-
-KINDS = ("zero", "mean", "least_squares")
 
 
 def make_intervention(kind: str, model: nn.Module, graph: UnitGraph, original: nn.Module | None = None,
-                      manifold: Manifold | None = None, ridge: float = 1e-3) -> Intervention:
+                      manifold: Manifold | None = None, ridge: float | None = None) -> Intervention:
     """The intervention `kind` over `model` (a copy of `original`, the unpruned model whose
-    statistics on `manifold`, S, the compensated kinds need)."""
+    statistics on `manifold`, S, the compensated kinds need; `ridge`: that of the
+    least-squares kind, `AnalysisOptions.ridge`)."""
     if kind == "zero":
         return Intervention(model, graph)
-    if kind not in KINDS:
-        raise ConfigError(f"unknown intervention {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in INTERVENTIONS:
+        raise ConfigError(f"unknown intervention {kind!r}; use one of {', '.join(INTERVENTIONS)}")
     if original is None or manifold is None:
         raise ConfigError(f"intervention {kind} needs the unpruned model and S to measure its readers")
+    if kind == "least_squares" and ridge is None:
+        raise ValueError("the least-squares intervention needs its ridge (AnalysisOptions.ridge)")
     stats = ReaderStatistics(original, graph, manifold, gram=(kind == "least_squares"), ridge=ridge)
     cls = MeanIntervention if kind == "mean" else LeastSquaresIntervention
     return cls(model, graph, stats)
@@ -66,11 +68,10 @@ class ReaderStatistics:
         self.values: dict[str, torch.Tensor] = {}  # reader name -> means, or inverse Gram (float64)
 
     def all_readers(self) -> list[str]:
-        return list(dict.fromkeys(p.rpartition(".")[0] for layer in self.layers.values() for p, d, _ in layer.reads
-                                  if d == 1))
+        return list(dict.fromkeys(r for layer in self.layers.values() for r in layer.readers(input_dim_only=True)))
 
     def readers(self, layer: Layer) -> list[str]:
-        return list(dict.fromkeys(p.rpartition(".")[0] for p, d, _ in layer.reads if d == 1))
+        return layer.readers(input_dim_only=True)
 
     def sink(self, reader: str) -> str:
         return self.sinks[self.modules[reader]]
@@ -151,7 +152,7 @@ class _Compensated(Intervention):
         for unit in units:
             for pname, dim, per_channel in self.layers[unit.layer].reads:
                 if dim == 1 and per_channel[unit.channel]:
-                    out.setdefault(pname.rpartition(".")[0], []).extend(per_channel[unit.channel])
+                    out.setdefault(Layer.module_of(pname), []).extend(per_channel[unit.channel])
         return out
 
     def _shift(self, reader: str, shift: torch.Tensor) -> None:
@@ -214,7 +215,8 @@ class MeanIntervention(_Compensated):
         for reader, feats in self._reader_slices(units).items():
             weight = self.modules[reader].weight.detach()
             idx = torch.tensor(feats, device=weight.device)
-            contribution = weight.index_select(1, idx).flatten(2).sum(2) if weight.dim() > 2 else weight.index_select(1, idx)
+            contribution = weight.index_select(1, idx)
+            contribution = contribution.flatten(2).sum(2) if weight.dim() > 2 else contribution
             self._shift(reader, contribution.double() @ means[reader][idx.cpu()].to(weight.device))
 
 

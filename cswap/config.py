@@ -12,6 +12,7 @@ against the current folder, as on any command line; `output.dir` too.
 from __future__ import annotations
 
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import registry
 from .errors import ConfigError, validation_summary
-from .options import PRESETS, PruningOptions
+from .backends import BACKENDS, DEFAULT_ROUND_TO
+from .options import PRESETS, TARGET_KINDS, PruningOptions
 
 
 class _Strict(BaseModel):
@@ -45,15 +47,22 @@ class PluginRef(_Strict):
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="run directories are created under this folder")
     latency_repeats: int = Field(20, ge=1)
-    latency_batch: int = Field(32, ge=1, description="the second batch size latency is measured at")
+    report_batch: int = Field(32, ge=1, description="the report times both models at batch 1 and at this batch size")
+    latency_backend: Literal[BACKENDS] = Field(
+        "torch", description="the runtime latency is measured in, for the report, the latency table and a latency "
+        "target (cswap/backends.py): torch (eager), torch_channels_last, onnxruntime (the file cswap export writes)")
     checkpoint_seconds: float = Field(2.0, ge=0, description="save the analysis state at most this often")
 
 
+SEED_MAX = 2**32 - 1  # what every generator we seed accepts (numpy's legacy one is the narrowest)
+_DEVICE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
+
+
 class RunConfig(_Strict):
-    name: str = "run"
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+    name: str = Field("run", description="names the default run directory: a plain file name")
+    seed: int = Field(0, ge=0, le=SEED_MAX, strict=True, description="seeds S, unit orders and replays")
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or mps (checked against this machine when run)")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads (default: torch's choice)")
     model: ModelConfig
     task: PluginRef
     adapter: PluginRef = PluginRef(name="auto")
@@ -61,6 +70,20 @@ class RunConfig(_Strict):
     test: PluginRef | None = None  # default: the task's
     pruning: PruningOptions = PruningOptions()
     output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or v.startswith(".") or any(c in v for c in "/\\") or not v.isprintable():
+            raise ValueError(f"{v!r} is not a plain file name (it names the run directory): no '/', no leading '.'")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_named(cls, v: str) -> str:
+        if not _DEVICE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device: cpu, cuda, cuda:N or mps")
+        return v
 
     @field_validator("task")
     @classmethod
@@ -83,12 +106,25 @@ class RunConfig(_Strict):
         return v if v is None else _registered("tests", v)
 
     @model_validator(mode="after")
+    def _widths_for_backend(self):
+        """A target that names no `round_to` gets the alignment its latency backend runs fastest at
+        (`backends.DEFAULT_ROUND_TO`); written into the saved config, so a resume reads the same."""
+        if "round_to" not in self.pruning.model_fields_set and DEFAULT_ROUND_TO[self.output.latency_backend]:
+            self.pruning = self.pruning.model_copy(update={"round_to": DEFAULT_ROUND_TO[self.output.latency_backend]})
+        return self
+
+    @model_validator(mode="after")
     def _model_registered(self):
         if self.model.source == "cswap" and self.model.name not in registry.available("models"):
             raise ValueError(
                 f"unknown model {self.model.name!r}; registered: {', '.join(registry.available('models'))}"
             )
         return self
+
+
+def _registered_name(kind: str, name) -> bool:
+    """Whether `name` (any value a config holds, checked before validation) names a plugin."""
+    return isinstance(name, str) and name in registry.available(kind)
 
 
 def _registered(kind: str, ref: PluginRef) -> PluginRef:
@@ -149,7 +185,8 @@ def preset_overrides(name: str, data: dict) -> list[str]:
     """`--preset NAME` as `--set` items for the config `data`: every pruning option, and a test
     option only where the config's test (the task's default test when it names none) has it."""
     test = _test_of(data)
-    declared = registry.load("tests", test).Options.model_fields if test in registry.available("tests") else {}
+    schema = getattr(registry.load("tests", test), "Options", None) if _registered_name("tests", test) else None
+    declared = schema.model_fields if schema is not None else {}
     items = []
     for key, value in PRESETS[name].items():
         if key.startswith("test.options."):
@@ -167,7 +204,7 @@ def _test_of(data: dict) -> str | None:
     if isinstance(test, dict) and test.get("name"):
         return test["name"]
     name = task.get("name") if isinstance(task, dict) else None
-    return registry.load("tasks", name).default_test if name in registry.available("tasks") else None
+    return registry.load("tasks", name).default_test if _registered_name("tasks", name) else None
 
 
 def load_config(path: str | Path, overrides: list[str] = (), preset: str | None = None) -> RunConfig:
@@ -181,7 +218,39 @@ def load_config(path: str | Path, overrides: list[str] = (), preset: str | None 
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     data = resolve_relative_paths(load_config_text(text, path), path.resolve().parent)
     items = (preset_overrides(preset, data) if preset else []) + list(overrides)
-    return parse_config(apply_overrides(data, items))
+    return parse_config(apply_overrides(replace_target(data, overrides), items))
+
+
+def replace_target(data: dict, overrides) -> dict:
+    """`data` without the file's own target when an override names another kind of target:
+    `cswap prune demo --set pruning.max_drop=1` asks for a quality target instead of the demo's
+    parameter share, not for both (which `Target` refuses)."""
+    named = {key.partition("=")[0].split(".", 1)[1] for key in overrides if key.startswith("pruning.")}
+    kinds = {kind for kind, fields in TARGET_KINDS.items() if named & set(fields)}
+    section = data.get("pruning")
+    if kinds and isinstance(section, dict):
+        for kind, fields in TARGET_KINDS.items():
+            if kind not in kinds:
+                for name in fields:
+                    section.pop(name, None)
+    return data
+
+
+def check_device_available(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is built. Called where a
+    config is about to run on its device (`cswap curve`; the analysis when it moves the model
+    to the device), never where a config is only read: a GPU config still validates and
+    dry-runs on a laptop, and a run directory made on a GPU reloads on a CPU."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= int(index or 0):
+            seen = "no GPU" if count == 0 else f"{count} GPU(s), cuda:0 to cuda:{count - 1}"
+            raise ConfigError(f"device {device!r} is not available here: torch sees {seen}; use --set device=cpu")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} is not available here (no Apple GPU); use --set device=cpu")
 
 
 _PLUGIN_SECTIONS = {"task": "tasks", "scorer": "scorers", "test": "tests", "adapter": "adapters"}
@@ -196,7 +265,7 @@ def resolve_relative_paths(data: dict, base: Path) -> dict:
     for section, kind in _PLUGIN_SECTIONS.items():
         ref = data.get(section)
         if not (isinstance(ref, dict) and isinstance(ref.get("options"), dict)
-                and ref.get("name") in registry.available(kind)):
+                and _registered_name(kind, ref.get("name"))):
             continue
         schema = registry.load(kind, ref["name"]).Options
         for name, info in (schema.model_fields.items() if schema is not None else ()):

@@ -1,4 +1,5 @@
-"""Whether the sample set S can answer for every class the model predicts.
+"""Whether the sample set S can answer for the model: finite inputs, labels the model can
+predict, and every class the model predicts.
 
 Why: C-SWAP keeps a unit when cutting it significantly hurts some class of S. A class that
 has no sample in S can never vote, so every unit that serves only that class looks neutral
@@ -7,6 +8,10 @@ parameters and left 10 % accuracy, without a word. A task declares how many clas
 cover (`Task.num_classes`); the model's output width (dim 1 of its output on the example
 input: logits (N, C) or (N, C, H, W)) raises that number when larger. A task that declares
 nothing (`None`, e.g. a third-party task whose groups are not classes) is not checked.
+Two mistakes come first, because they make every count below meaningless: a label the model
+cannot predict (S's class 12 for a 10-output model: the data and the model do not match),
+and a non-finite input (a NaN in S turns every score into NaN, hours later). Both are named
+by their first offending sample.
 """
 from __future__ import annotations
 
@@ -33,11 +38,18 @@ def output_width(model: nn.Module, example: torch.Tensor) -> int | None:
 def check_coverage(task: Task, manifold: Manifold, model: nn.Module, example: torch.Tensor) -> None:
     """Refuse (or, for a task whose `missing_classes` is "warn", warn loudly) when S has no
     sample of some class the model predicts; the message names the classes present."""
+    check_finite_inputs(manifold)
     expected = task.num_classes
     if expected is None:
         return
-    expected = max(expected, output_width(model, example) or 0)
+    width = output_width(model, example)
     present = sorted(int(k) for k in manifold.class_counts)
+    outside = [k for k in present if k < 0 or (width is not None and k >= width)]
+    if outside:
+        shown = outside if len(outside) <= 10 else outside[:10] + ["..."]
+        raise DataError(f"the sample set S holds labels {shown} that the model cannot predict: it has {width} outputs "
+                        f"(classes 0 to {width - 1}); the data and the model do not match")
+    expected = max(expected, width or 0)
     missing = sorted(set(range(expected)) - set(present))
     if not missing:
         return
@@ -49,3 +61,19 @@ def check_coverage(task: Task, manifold: Manifold, model: nn.Module, example: to
         warnings.warn(msg)
         return
     raise DataError(msg + "; give S samples of every class")
+
+
+def check_finite_inputs(manifold: Manifold) -> None:
+    """Refuse an S whose input tensors hold NaN or infinity, naming the first such sample
+    (batches in order, samples counted from 0 across them)."""
+    seen = 0
+    for inputs, _ in manifold.batches:
+        if not (isinstance(inputs, torch.Tensor) and inputs.dim() > 0):
+            continue  # inputs that are not a batch tensor (a third-party task's): nothing to say
+        if inputs.is_floating_point():
+            bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(1)
+            if bool(bad.any()):
+                raise DataError(f"the sample set S holds non-finite values (NaN or infinity), first in sample "
+                                f"{seen + int(torch.nonzero(bad)[0, 0])}; check the data and its normalisation "
+                                "(a zero std?)")
+        seen += len(inputs)

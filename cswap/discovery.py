@@ -115,7 +115,8 @@ def _first_failing_module(model: nn.Module, example_inputs: torch.Tensor) -> str
     return breakers[0] if breakers else None
 
 
-def _trace_order_and_outputs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[dict[nn.Module, int], set[nn.Module]]:
+def _trace_order_and_outputs(model: nn.Module,
+                             example_inputs: torch.Tensor) -> tuple[dict[nn.Module, int], set[nn.Module]]:
     """Execution index of every module, and the modules whose output *is* a model output.
 
     torch-pruning marks a model output only when a non-module op produces it; a head such as

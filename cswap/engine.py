@@ -31,7 +31,7 @@ from .contract import check_scores
 from .distributed import rank_and_world
 from .errors import ConfigError, NumericalError
 from .hooks import trace_calls
-from .interfaces import Manifold, Scores, ScoringFunction, Unit, UnitGraph
+from .interfaces import Layer, Manifold, Scores, ScoringFunction, Unit, UnitGraph
 from .intervention import Intervention
 from .options import ENGINES
 
@@ -45,6 +45,8 @@ class FullForward:
 
     #: whether `trials` can score several units of a layer in one pass (see `Staged`)
     can_batch = False
+    #: which engine this is (`pruning.engine`'s names): logs, plan metadata and `--dry-run` read it
+    kind = "full"
 
     def __init__(self, model: nn.Module, scorer: ScoringFunction, manifold: Manifold, intervention: Intervention,
                  device="cpu"):
@@ -149,10 +151,8 @@ class Staged(FullForward):
         super().__init__(model, scorer, manifold, intervention, device)
         self.stages = list(stages)
         self.delta = delta
-        owner: dict[nn.Module, int] = {}
-        for i, stage in enumerate(self.stages):
-            for m in stage.modules():
-                owner.setdefault(m, i)
+        self.kind = "delta" if delta else "staged"
+        owner = stage_owners(self.stages)
         trace = trace_calls(self.model, self.probe[:1])  # one sample: the order and count of calls
         order, calls, probe_output = trace.order, trace.calls, trace.output
         # modules whose output can be cached: weighted, called once per forward
@@ -165,7 +165,7 @@ class Staged(FullForward):
         self.readers: dict[str, list[tuple[nn.Module, int, list[list[int]]]]] = {}
         params = dict(model.named_parameters())
         for layer in graph.layers:
-            readers = [(model.get_submodule(p.rpartition(".")[0]), p, dim, idx) for p, dim, idx in layer.reads]
+            readers = [(model.get_submodule(Layer.module_of(p)), p, dim, idx) for p, dim, idx in layer.reads]
             self.readers[layer.name] = [(r, dim, idx) for r, _, dim, idx in readers]
             missing = [p for r, p, _, _ in readers if r not in owner]
             if missing:
@@ -178,13 +178,6 @@ class Staged(FullForward):
         self.inputs: list[list[torch.Tensor]] = []  # per batch: the input of every stage
         self.outputs: list[dict[nn.Module, torch.Tensor]] = []  # per batch: cached module outputs
         self._pending = None
-
-    @torch.no_grad()
-    def check_equals_forward(self) -> bool:
-        h = self.probe
-        for stage in self.stages:
-            h = stage(h)
-        return torch.equal(h, self.model(self.probe))
 
     @torch.no_grad()
     def _run(self, start: int, replace: dict[nn.Module, object] | None = None,
@@ -334,7 +327,8 @@ class _DeltaOutput:
         if isinstance(r, nn.Linear):
             share = x.index_select(-1, self.idx) @ self.weight.t()
         else:
-            share = nn.functional.conv2d(x.index_select(1, self.idx), self.weight, None, r.stride, r.padding, r.dilation)
+            share = nn.functional.conv2d(x.index_select(1, self.idx), self.weight, None, r.stride, r.padding,
+                                         r.dilation)
         return cached - share
 
 
@@ -376,25 +370,56 @@ def _recorder(store: dict):
     return hook
 
 
+def stage_owners(stages: Sequence[nn.Module]) -> dict[nn.Module, int]:
+    """Each module of the chain -> the index of the first stage that holds it."""
+    owner: dict[nn.Module, int] = {}
+    for i, stage in enumerate(stages):
+        for m in stage.modules():
+            owner.setdefault(m, i)
+    return owner
+
+
+def first_stage(layer: Layer, model: nn.Module, owners: dict[nn.Module, int]) -> int:
+    """The first stage holding a reader of `layer`: where a trial of its units starts."""
+    return min((owners.get(model.get_submodule(name), 0) for name in layer.readers()), default=0)
+
+
+def stage_chain(kind: str, stages: Sequence[nn.Module] | None, model: nn.Module,
+                probe: torch.Tensor) -> list[nn.Module] | None:
+    """The stages an engine of `kind` runs over `model` (the adapter's `stages`), or None for
+    full forward passes: `full` never stages; `staged` and `delta` need a chain that
+    reproduces the forward exactly; `auto` uses one if it does (checked on `probe`)."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}; use one of {', '.join(ENGINES)}")
+    if kind == "full" or stages is None:
+        if kind in ("staged", "delta"):
+            raise ConfigError(f"engine {kind} needs an adapter with a stage chain; this model's has none: use engine "
+                              "auto or full")
+        return None
+    stages = list(stages)
+    with torch.no_grad():
+        h = probe
+        for stage in stages:
+            h = stage(h)
+        same = torch.equal(h, model(probe))
+    if same:
+        return stages
+    if kind != "auto":
+        raise ConfigError(f"engine {kind}: the adapter's stages do not reproduce the model's forward exactly; use "
+                          "engine auto or full")
+    log.warning("stage chain differs from the forward; using full forward passes")
+    return None
+
+
 def make_engine(kind: str, model, scorer, manifold, graph, stages=None, device="cpu",
                 intervention: Intervention | None = None) -> FullForward:
     """`staged` (bitwise equal to full forwards) when asked or when `auto` finds a stage
-    chain that reproduces the forward; `delta` adds the rank-one update of the first reader.
-    The engine cuts units with `intervention` (default: zeroed reads over `model`)."""
-    if kind not in ENGINES:
-        raise ValueError(f"unknown engine {kind!r}; use one of {', '.join(ENGINES)}")
+    chain that reproduces the forward (`stage_chain`); `delta` adds the rank-one update of the
+    first reader. The engine cuts units with `intervention` (default: zeroed reads over
+    `model`); `cswap.options.AnalysisOptions` refuses delta with a compensated cut."""
     intervention = intervention or Intervention(model, graph)
-    if kind == "delta" and not intervention.batchable:
-        raise ConfigError("engine delta updates the first reader by the cut's share alone; a compensated cut "
-                          "(pruning.intervention mean or least_squares) changes more: use engine staged or auto")
-    if kind == "full" or stages is None:
-        if kind in ("staged", "delta"):
-            raise ValueError(f"engine {kind!r} needs an adapter with a stage chain")
+    probe = next(iter(manifold))[0].to(device)
+    chain = stage_chain(kind, stages, model, probe)
+    if chain is None:
         return FullForward(model, scorer, manifold, intervention, device)
-    engine = Staged(model, scorer, manifold, stages, graph, intervention, device, delta=(kind == "delta"))
-    if not engine.check_equals_forward():
-        if kind != "auto":
-            raise ValueError("the adapter's stages do not reproduce the model's forward exactly")
-        log.warning("stage chain differs from the forward; using full forward passes")
-        return FullForward(model, scorer, manifold, intervention, device)
-    return engine
+    return Staged(model, scorer, manifold, chain, graph, intervention, device, delta=(kind == "delta"))

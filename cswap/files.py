@@ -6,6 +6,9 @@ permission, a full disk) is an `OutputError` naming the file, never a half-file.
 """
 from __future__ import annotations
 
+import json
+import math
+
 import os
 import tempfile
 import zipfile
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError, OutputError
+from .errors import DataError, ModelError, OutputError
 
 TMP_SUFFIX = ".tmp"
 
@@ -77,6 +80,49 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def save_state_dict_atomic(state_dict: dict, path: str | Path) -> Path:
     return _atomic(path, lambda f: torch.save(state_dict, f))
+
+
+def read_user_text(path: str | Path) -> str:
+    """The text of a file a user names or receives (a run directory's config.yaml, plan.json,
+    report.json): an unreadable file or bytes that are not UTF-8 are a `DataError` naming it,
+    never a raw `UnicodeDecodeError`."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not a text file (byte {exc.start} is not UTF-8); was it truncated or replaced?") \
+            from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {describe_os_error(exc)}") from exc
+
+
+
+def json_text(data, indent: int | None = 1) -> str:
+    """`data` as strict JSON text (a line end included): NaN and infinities, which `json.dumps`
+    writes as bare `NaN` that other readers refuse (a class absent from a split has no IoU),
+    become null."""
+    def strict(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(data), indent=indent, allow_nan=False) + "\n"
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON object from a file a user names or receives (plan.json, pruned.json), or a
+    one-line `DataError` naming the file: truncated, edited or not an object."""
+    try:
+        data = json.loads(read_user_text(path))
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); was it truncated or edited?") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a JSON object")
+    return data
 
 
 def load_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict:

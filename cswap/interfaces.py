@@ -26,6 +26,10 @@ from torch import nn
 # ---- data types -------------------------------------------------------------------------
 
 NEUTRAL, DETRIMENTAL, CRITICAL = "neutral", "detrimental", "critical"
+#: neither significant nor shown harmless (a test that asks for equivalence, e.g. paired_t with
+#: `neutral: equivalent`): the test could not judge the unit, so Algorithm 1 keeps it, in the
+#: kept tail with the critical units
+INCONCLUSIVE = "inconclusive"
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Scores:
 class Decision:
     """Verdict of the significance test for one unit (Definition 2)."""
 
-    category: str  # NEUTRAL | DETRIMENTAL | CRITICAL
+    category: str  # NEUTRAL | DETRIMENTAL | CRITICAL | INCONCLUSIVE (kept like CRITICAL)
     xi: float  # global causal effect (Definition 1 with the chosen effect measure)
     p_values: dict[int, float] = field(default_factory=dict)  # per voting group
     significant: list[int] = field(default_factory=list)  # groups whose predicate pi_k holds
@@ -58,6 +62,9 @@ class Manifold:
 
     batches: list[tuple[torch.Tensor, Any]]
     class_counts: dict[int, int]
+    #: where each sample (in batch order) sits in the split it was drawn from, when the task
+    #: records it: what lets `Task.validation` keep apart from S and the calibration set
+    indices: np.ndarray | None = None
 
     def __len__(self) -> int:
         return sum(len(t) for _, t in self.batches)
@@ -68,7 +75,7 @@ class Manifold:
     def to(self, device) -> "Manifold":
         """The same samples with every tensor on `device` (other targets as they are)."""
         return Manifold([(x.to(device), y.to(device) if torch.is_tensor(y) else y) for x, y in self.batches],
-                        dict(self.class_counts))
+                        dict(self.class_counts), self.indices)
 
     def rebatched(self, batch_size: int) -> "Manifold":
         """The same samples in the same order, in batches of at most `batch_size` (targets must
@@ -76,7 +83,81 @@ class Manifold:
         inputs = torch.cat([x for x, _ in self.batches])
         targets = torch.cat([y for _, y in self.batches])
         batches = [(inputs[i:i + batch_size], targets[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
-        return Manifold(batches, dict(self.class_counts))
+        return Manifold(batches, dict(self.class_counts), self.indices)
+
+
+@dataclass
+class Outcomes:
+    """A task's metric taken apart sample by sample, so two models can be compared on the same
+    samples (a paired drop) and the samples resampled (a bootstrap): `cswap.quality`.
+
+    Two shapes. A mean: `values` (n,) per sample, the metric is their mean (1 for a right
+    answer, 0 for a wrong one: accuracy), `classes` (n,) each sample's class (None: the task
+    has no per-class metric), a class's metric the mean over its samples. A ratio of sums per
+    class: `values` and `totals` (n, C), class c's metric sum_i values[i, c] / sum_i totals[i, c],
+    the metric the mean over the classes with a non-zero total (mIoU from per-image
+    intersections and unions)."""
+
+    values: np.ndarray
+    classes: np.ndarray | None = None
+    totals: np.ndarray | None = None
+    names: list[str] | None = None  # class names, where the data names its classes
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def binary(self) -> bool:
+        """A mean of outcomes that are each 0 or 1 (what an exact binomial bound needs)."""
+        return self.totals is None and bool(np.isin(self.values, (0.0, 1.0)).all())
+
+    @property
+    def has_classes(self) -> bool:
+        return self.totals is not None or self.classes is not None
+
+    @property
+    def num_classes(self) -> int:
+        if self.totals is not None:
+            return self.totals.shape[1]
+        return int(self.classes.max()) + 1 if self.classes is not None and len(self.classes) else 0
+
+    def resampled(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The metric and every class's metric (NaN where a class has no sample) under each row
+        of `weights` (B, n): how often each sample is counted (a bootstrap resample; ones: as
+        measured). Returns arrays of shape (B,) and (B, C) (None without classes)."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if self.totals is None:
+            metric = weights @ self.values / weights.sum(1)
+            if self.classes is None:
+                return metric, None
+            onehot = np.eye(self.num_classes)[self.classes]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_class = (weights @ (onehot * self.values[:, None])) / (weights @ onehot)
+            return metric, per_class
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class = (weights @ self.values) / (weights @ self.totals)
+        present = np.isfinite(per_class)
+        metric = np.where(present, per_class, 0.0).sum(1) / np.maximum(present.sum(1), 1)
+        return metric, per_class
+
+    def metric(self) -> float:
+        return float(self.resampled(np.ones((1, len(self))))[0][0])
+
+    def per_class(self) -> np.ndarray | None:
+        """Every class's metric as measured (NaN where a class has no sample); None without classes."""
+        if self.totals is None and self.classes is not None:  # without a (n, C) matrix: many classes stay cheap
+            counts = np.bincount(self.classes, minlength=self.num_classes)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.bincount(self.classes, self.values, minlength=self.num_classes) / counts
+        per_class = self.resampled(np.ones((1, len(self))))[1]
+        return None if per_class is None else per_class[0]
+
+    def class_samples(self) -> np.ndarray | None:
+        """Samples that measure each class: its samples (a mean), the samples where its total is
+        not zero (a ratio: the images where the class is seen or predicted)."""
+        if self.totals is not None:
+            return (self.totals > 0).sum(0)
+        return None if self.classes is None else np.bincount(self.classes, minlength=self.num_classes)
 
 
 @dataclass(frozen=True, order=True)
@@ -112,6 +193,16 @@ class Layer:
     def units(self) -> list[Unit]:
         return [Unit(self.name, c) for c in range(self.channels)]
 
+    @staticmethod
+    def module_of(parameter: str) -> str:
+        """The module a parameter name belongs to (`layer1.0.conv1.weight` -> `layer1.0.conv1`)."""
+        return parameter.rpartition(".")[0]
+
+    def readers(self, input_dim_only: bool = False) -> list[str]:
+        """The modules that read this layer's channels, in `reads` order, each once; with
+        `input_dim_only`, those that read them along their weight's input dimension (dim 1)."""
+        return list(dict.fromkeys(self.module_of(p) for p, dim, _ in self.reads if dim == 1 or not input_dim_only))
+
 
 @dataclass
 class UnitGraph:
@@ -135,7 +226,7 @@ class UnitGraph:
 
 
 PROGRESSIVE = "progressive"  # removed during the analysis (neutral or detrimental)
-CRITICAL_RANKED = "critical"  # critical units, in `critical_order`, only for a target
+CRITICAL_RANKED = "critical"  # kept units (critical, inconclusive), in `critical_order`, only for a target
 RANKED = "ranked"  # a baseline criterion's global ranking
 
 
@@ -168,12 +259,22 @@ class PlanStep:
 @dataclass
 class Ranking:
     """What a criterion returns: the units in removal order. The core counts each step's
-    parameter cost on the real model and makes the replayable plan from it."""
+    parameter cost on the real model and makes the replayable plan from it.
+
+    The typed fields are what a replay must repeat: the sample set S the criterion measured
+    on (drawn by `seed`, `samples_per_class` per class; the calibration data of a recovery
+    comes from there too) and how it cut a unit (`intervention`, with the `ridge` of its least
+    squares), since a compensated cut is replayed with the same compensation. `meta` is
+    description only (counts, options, timings)."""
 
     method: str
     steps: list[PlanStep]
     meta: dict = field(default_factory=dict)
     protected: dict[str, str] = field(default_factory=dict)  # unit -> why it is never removed
+    seed: int | None = None
+    samples_per_class: int | None = None  # M_k of S; None: the task's own
+    intervention: str = "zero"
+    ridge: float | None = None  # of a least-squares or mean intervention; None for the zero cut
 
 
 # ---- the interfaces -----------------------------------------------------------------------
@@ -257,7 +358,10 @@ class SignificanceTest(Configurable, ABC):
 
     @abstractmethod
     def with_alpha(self, alpha: float) -> "SignificanceTest":
-        """The same test at another significance level."""
+        """The same test at another significance level, validated as the test's own `Options`
+        validate it (a level outside (0, 1) is a `ConfigError`, one line): every entry point
+        that sets alpha (config, `cswap sweep --alpha`, `cswap.analyze(alpha=...)`) goes
+        through here."""
 
     @abstractmethod
     def effect(self, sigma: np.ndarray, sigma_star: np.ndarray) -> np.ndarray:
@@ -348,6 +452,11 @@ class Task(Configurable, ABC):
     missing_classes: str = "error"
     #: whether `from_tensors` builds this task over in-memory data (`cswap.analyze(model, (x, y))`)
     accepts_tensors: bool = False
+    #: whether `validation` and `outcomes` are implemented: a quality target (`pruning.max_drop`)
+    #: is checked with them, and refused on a task that declares none
+    measures_outcomes: bool = False
+    #: whether the outcomes carry a per-class metric (`pruning.max_class_drop` needs one)
+    per_class_metric: bool = False
 
     @property
     def num_classes(self) -> int | None:
@@ -380,6 +489,20 @@ class Task(Configurable, ABC):
     def example_inputs(self) -> torch.Tensor:
         """A small input batch with the right shape, for tracing and FLOP counting."""
 
+    def validation(self, seed: int, avoid: Sequence[Manifold], per_class: int) -> Manifold:
+        """Samples a quality target is checked on: `per_class` of every class (as `manifold`
+        counts them), drawn with `seed`, from the sample split without any sample of `avoid`
+        (S and the calibration set, by their `indices`) or from a split the task declares for
+        it; never a sample the evaluation reads. Only called when `measures_outcomes`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no validation data")
+
+    def outcomes(self, model: nn.Module, device: torch.device | str = "cpu",
+                 samples: Manifold | None = None) -> Outcomes:
+        """What the metric is made of, per sample, on `samples` (validation data), or on the
+        evaluation split when None (then `outcomes(...).metric()` is `evaluate(...)[metric]`).
+        Only called when `measures_outcomes`."""
+        raise NotImplementedError(f"{type(self).__name__} declares no per-sample outcomes")
+
     @classmethod
     def from_tensors(cls, inputs: torch.Tensor, targets: torch.Tensor, samples_per_class: int) -> "Task":
         """The task over in-memory data, S and evaluation both drawn from it. Only called when
@@ -391,7 +514,7 @@ class Task(Configurable, ABC):
 class Analysis:
     """What every criterion and seed of one model's analysis shares, built once (from a config
     by `cswap.build`, or by `cswap.analyze`): the model, its units, the task, sigma, the test,
-    the adapter, the device and the run's pruning options (a `cswap.options.PruningOptions`)."""
+    the adapter, the device and the analysis options (a `cswap.options.AnalysisOptions`)."""
 
     model: nn.Module
     units: UnitGraph

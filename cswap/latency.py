@@ -39,10 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .alignment import smallest_prefix
+from .alignment import prefix_units
+from .bisection import smallest_prefix
 from .files import write_text_atomic
-from .metrics import latencies_ms
-from .removal import prune_units
+from .backends import latencies_ms, measure, untrusted_message
+from .removal import remove_units
 
 log = logging.getLogger("cswap")
 
@@ -64,18 +65,10 @@ def timing_inputs(plan, device, batch: int) -> torch.Tensor:
     return torch.randn((batch, *plan.input_shape), generator=g).to(device)
 
 
-def removed_copy(plan, model: nn.Module, units, adapter=None) -> nn.Module:
+def removed_copy(plan, model: nn.Module, units, adapter) -> nn.Module:
     """A copy of `model` with `units` physically removed: shapes only (no compensation, no
     recovery: latency depends on the shapes)."""
-    adapter = adapter or plan._adapter()
-    pruned = copy.deepcopy(model)
-    if adapter.removes_units:
-        adapter.remove(pruned, list(units))
-    else:
-        p = next(pruned.parameters())
-        prune_units(pruned, plan.example_inputs(p.device, p.dtype), list(units))
-    adapter.after_pruning(pruned)
-    return pruned.eval()
+    return remove_units(copy.deepcopy(model), units, adapter, plan.input_shape).eval()
 
 
 def _weight_numels(model: nn.Module) -> dict[str, int]:
@@ -83,10 +76,10 @@ def _weight_numels(model: nn.Module) -> dict[str, int]:
             if isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
-def _uniform_units(plan, fraction: float) -> list:
+def _uniform_units(plan, fraction: float, round_to: int | None) -> list:
     """Units removing (1 - fraction) of every layer's width, first in the plan's order (aligned
-    to the plan's `round_to` when it has one), at least one unit (round_to of them) left."""
-    keep_min = plan.round_to or 1
+    to `round_to` when given), at least one unit (round_to of them) left."""
+    keep_min = round_to or 1
     by_layer: dict[str, list] = {}
     for step in plan.steps:
         by_layer.setdefault(step.unit.layer, []).append(step.unit)
@@ -112,22 +105,25 @@ class LatencyTable:
 
     # ---- building -----------------------------------------------------------------
     @classmethod
-    def measure(cls, plan, model: nn.Module, batch: int = 1, *, fractions=FRACTIONS, min_seconds: float = 1.0,
-                adapter=None) -> "LatencyTable":
-        """Time the plan's layers at `fractions` of their widths on the model's device."""
+    def measure(cls, plan, model: nn.Module, batch: int = 1, *, adapter, round_to: int | None = None,
+                backend: str = "torch", fractions=FRACTIONS, min_seconds: float = 1.0) -> "LatencyTable":
+        """Time the plan's layers at `fractions` of their widths (aligned to `round_to`) on
+        the model's device; the whole copies in `backend` (`cswap.backends`), whose measured
+        savings fit the scale, so the prediction is of that runtime (the modules themselves
+        are timed in eager PyTorch, the only place one module runs alone)."""
         started = time.perf_counter()
         model = model.eval()
         device = next(model.parameters()).device
         x = timing_inputs(plan, device, batch)
-        copies = [model] + [removed_copy(plan, model, _uniform_units(plan, f), adapter) for f in fractions]
+        copies = [model] + [removed_copy(plan, model, _uniform_units(plan, f, round_to), adapter) for f in fractions]
         full = _weight_numels(model)
         shrunk = sorted({n for c in copies[1:] for n, k in _weight_numels(c).items() if k != full.get(n, k)})
         per_copy = _module_times(copies, shrunk, x, min_seconds)
         numels = [_weight_numels(c) for c in copies]
         samples = {n: [[k[n] / full[n], t[n]] for k, t in zip(numels, per_copy)] for n in shrunk}
         modules = {n: {"numel": full[n], **_fit(s), "samples": s} for n, s in samples.items()}
-        whole = latencies_ms(copies, x, min_seconds=min_seconds)
-        table = cls(_key(plan, model, batch), whole[0], modules, seconds=0.0)
+        whole = latencies_ms(copies, x, min_seconds=min_seconds, backend=backend)
+        table = cls(_key(plan, model, batch, round_to, backend), whole[0], modules, seconds=0.0)
         raw = [table.total_ms - table.predicted_ms(c, scale=1.0) for c in copies[1:]]  # predicted savings
         real = [whole[0] - w for w in whole[1:]]
         table.scale = float(np.dot(raw, real) / np.dot(raw, raw)) if np.dot(raw, raw) > 0 else 1.0
@@ -146,8 +142,8 @@ class LatencyTable:
         saved = sum(m["b"] * (1.0 - numels.get(n, m["numel"]) / m["numel"]) for n, m in self.modules.items())
         return self.total_ms - (self.scale if scale is None else scale) * saved
 
-    def matches(self, plan, model: nn.Module, batch: int) -> bool:
-        return self.key == _key(plan, model, batch)
+    def matches(self, plan, model: nn.Module, batch: int, round_to: int | None = None, backend: str = "torch") -> bool:
+        return self.key == _key(plan, model, batch, round_to, backend)
 
     # ---- persistence ----------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -158,10 +154,11 @@ class LatencyTable:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def _key(plan, model: nn.Module, batch: int) -> dict:
+def _key(plan, model: nn.Module, batch: int, round_to: int | None, backend: str) -> dict:
     """What a cached table must agree on to be reused."""
-    return {"device": device_name(next(model.parameters()).device), "batch": batch, "torch": torch.__version__,
-            "params_total": plan.params_total, "layers": dict(plan.layers), "round_to": plan.round_to,
+    return {"device": device_name(next(model.parameters()).device), "backend": backend, "batch": batch,
+            "torch": torch.__version__,
+            "params_total": plan.params_total, "layers": dict(plan.layers), "round_to": round_to,
             "input_shape": list(plan.input_shape)}
 
 
@@ -216,18 +213,19 @@ def _recorded_calls(model: nn.Module, names: list[str], x: torch.Tensor) -> dict
     return recorded
 
 
-def table_for(plan, model: nn.Module, batch: int = 1, cache: str | Path | None = None, adapter=None) -> LatencyTable:
+def table_for(plan, model: nn.Module, batch: int = 1, cache: str | Path | None = None, *, adapter,
+              round_to: int | None = None, backend: str = "torch") -> LatencyTable:
     """The cached table at `cache` (a folder, or the JSON file) when it holds for this model,
-    plan, device and batch; otherwise a new one, measured and saved there."""
+    plan, device, batch and alignment; otherwise a new one, measured and saved there."""
     path = None if cache is None else (Path(cache) / TABLE_FILE if Path(cache).is_dir() else Path(cache))
     if path is not None and path.is_file():
         try:
             table = LatencyTable.load(path)
-            if table.matches(plan, model, batch):
+            if table.matches(plan, model, batch, round_to, backend):
                 return table
         except (ValueError, TypeError, KeyError):
             log.warning("latency table %s is unreadable; measuring again", path)
-    table = LatencyTable.measure(plan, model, batch, adapter=adapter)
+    table = LatencyTable.measure(plan, model, batch, adapter=adapter, round_to=round_to, backend=backend)
     if path is not None:
         table.save(path)
     return table
@@ -242,55 +240,52 @@ class LatencySearch:
     predicted_speedup: float  # of `steps`, by the table
     measured_speedup: float  # of `steps`
     predicted_steps: int  # the table's answer, before measuring
-    measurements: list[dict]  # every prefix measured: steps, speed-up
+    measurements: list[dict]  # every prefix measured: steps, speed-up, whether its timings were trusted
+    backend: str = "torch"
+    trusted: bool = True  # every timing of the search within `cswap.backends.MAX_SPREAD`
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def latency_search(plan, model: nn.Module, ratio: float, table: LatencyTable | None = None, *,
-                   max_measurements: int = 7, min_seconds: float = 1.0, adapter=None) -> LatencySearch:
+def latency_search(plan, model: nn.Module, ratio: float, table: LatencyTable, *, adapter,
+                   round_to: int | None = None, backend: str = "torch", max_measurements: int = 7,
+                   min_seconds: float = 1.0) -> LatencySearch:
     """The shortest prefix whose measured speed-up (original / pruned latency, at the table's
     batch) reaches `ratio`: found on the table's prediction, then checked and, if short,
-    searched on measurements."""
+    searched on measurements (at most `max_measurements` in all)."""
     if not ratio > 1.0:
         raise ValueError(f"latency_ratio is a speed-up and must exceed 1, got {ratio}")
-    adapter = adapter or plan._adapter()
-    table = table or table_for(plan, model, 1, adapter=adapter)
     x = timing_inputs(plan, next(model.parameters()).device, table.key["batch"])
-    pruned = lambda m: removed_copy(plan, model, plan.units(m), adapter)  # noqa: E731
+
+    def pruned(m: int) -> nn.Module:
+        return removed_copy(plan, model, prefix_units(plan.steps, plan.layers, m, round_to), adapter)
+
     n = len(plan.steps)
-    k = smallest_prefix(n, lambda m: table.total_ms / max(table.predicted_ms(pruned(m)), 1e-9) >= ratio)
-    k = guess = n if k is None else k
+    guess = smallest_prefix(lambda m: table.total_ms / max(table.predicted_ms(pruned(m)), 1e-9) >= ratio, 0, n)
+    guess = n if guess is None else guess
     measured: dict[int, float] = {}
+    trusted: dict[int, bool] = {}
 
     def reaches(m: int) -> bool:
         if m not in measured:
-            original, small = latencies_ms([model, pruned(m)], x, min_seconds=min_seconds)
-            measured[m] = original / small
+            timings = measure([model, pruned(m)], x, min_seconds=min_seconds, backend=backend)
+            measured[m], trusted[m] = timings[0].median_ms / timings[1].median_ms, all(t.trusted for t in timings)
+            if not trusted[m]:
+                log.warning("latency target: %s", untrusted_message(timings))
         return measured[m] >= ratio
 
-    if not reaches(k):
-        lo, hi = k + 1, n
-        if not reaches(hi):
+    k = guess
+    if not reaches(guess):
+        k = smallest_prefix(reaches, guess + 1, n, max_checks=max_measurements - 2)
+        if k is None:
             msg = (f"latency_ratio {ratio:.2f} is beyond what this plan reaches on {table.key['device']} "
-                   f"(measured x{measured[hi]:.2f} with all {n} steps); replaying all steps")
+                   f"(measured x{measured[n]:.2f} with all {n} steps); replaying all steps")
             log.warning(msg)
             warnings.warn(msg)
-            k = hi
-        else:
-            while lo < hi and len(measured) < max_measurements:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if reaches(mid) else (mid + 1, hi)
-            k = hi
+            k = n
     predicted = table.total_ms / max(table.predicted_ms(pruned(k)), 1e-9)
     return LatencySearch(k, ratio, round(predicted, 4), round(measured[k], 4), guess,
-                         [{"steps": m, "speedup": round(s, 4)} for m, s in sorted(measured.items())])
-
-
-def latency_prefix(plan, model: nn.Module, ratio: float, table: LatencyTable | None = None) -> int:
-    """`latency_search`'s prefix (`PruningPlan.prefix(model, latency_ratio=...)`)."""
-    search = latency_search(plan, model, ratio, table)
-    log.info("latency target x%.2f: %d steps, predicted x%.2f, measured x%.2f", ratio, search.steps,
-             search.predicted_speedup, search.measured_speedup)
-    return search.steps
+                         [{"steps": m, "speedup": round(s, 4), "trusted": trusted[m]}
+                          for m, s in sorted(measured.items())],
+                         backend, all(trusted.values()))

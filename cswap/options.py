@@ -1,13 +1,16 @@
-"""The run's pruning options, declared once: names, defaults, validation and documentation.
+"""The run's options, declared once: names, defaults, validation and documentation.
 
-`PruningOptions` is the `pruning:` section of a run config, the keyword arguments of
-`cswap.analyze`, and what the pruner and the causal criteria (C-SWAP, C-BP, AMP) read; no
-other module declares one of these options again. Adding an option is one field here (see
-docs/design.md, "Adding an option"): config validation, the API's keywords and the
+Two ideas, two models. `AnalysisOptions` is what Algorithm 1 reads (engine, intervention,
+critical order, ...): the keyword arguments of `cswap.analyze`, `Analysis.options`. `Target`
+is what turns a plan into a model (how far, at which widths, how repaired): what
+`cswap.replay`, `plan.apply` and `save_pruned` take. A config's `pruning:` section holds both
+side by side (`PruningOptions`). Adding an option is one field in the class it belongs to
+(see docs/design.md, "Adding an option"); config validation, the API's keywords and the
 documentation all come from the field's type, default and description.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,14 +19,14 @@ ENGINES = ("auto", "staged", "delta", "full")
 PRECISIONS = ("fp32", "tf32", "bf16")
 INTERVENTIONS = ("zero", "mean", "least_squares")
 RECOVERIES = ("bias", "bn", "least_squares")
-CRITICAL_ORDERS = ("effect", "effect_per_param")
+CRITICAL_ORDERS = ("effect", "effect_per_param", "effect_per_param_thinning")
 # Named starting points, as config overrides applied before the user's own (`--preset NAME`,
 # `cswap.analyze(..., preset=NAME)`). The defaults are what benchmarks/recovery.py chose; `paper`
 # is Algorithm 1 exactly as published: the relative effect, the zero cut, the critical tail by
 # effect alone, nothing repaired after removal.
 PRESETS = {
-    "paper": {"test.options.effect": "relative", "pruning.intervention": "zero", "pruning.critical_order": "effect",
-              "pruning.recovery": "none"},
+    "paper": {"test.options.effect": "relative", "test.options.neutral": "not_significant",
+              "pruning.intervention": "zero", "pruning.critical_order": "effect", "pruning.recovery": "none"},
 }
 
 
@@ -94,11 +97,33 @@ class RecoveryOptions(_Options):
         return () if self.method == "none" else tuple(self.method.split("+"))
 
 
-class PruningOptions(_Options):
-    """How C-SWAP (and the causal baselines) walk the network, and what the plan is replayed to."""
+class MinWidth(_Options):
+    """`pruning.min_width`: the narrowest a per-parameter tail order may leave a bottleneck layer
+    (one every path from input to output crosses) before every other unit is taken, because no
+    repair widens a one-channel bottleneck again (issue #27). `none` is the plan's own rule: a
+    layer keeps one unit. A replay past a floor says so (cswap/tail_order.py, cswap/collapse.py)."""
 
-    params_ratio: float | None = Field(None, ge=0, le=1, description="target share of parameters to remove")
-    flops_ratio: float | None = Field(None, ge=0, le=1, description="target share of MACs to remove")
+    share: float = Field(0.25, ge=0, le=1, description="share of the layer's unpruned width, rounded up")
+    minimum: int = Field(2, ge=1, description="units kept at least (never more than the layer has)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _none(cls, value):
+        return {"share": 0.0, "minimum": 1} if value in ("none", None) else value
+
+    @property
+    def trivial(self) -> bool:
+        return self.share == 0 and self.minimum == 1
+
+    def of(self, width: int) -> int:
+        """The floor of a layer `width` units wide (round-off of share * width ignored)."""
+        return min(width, max(self.minimum, math.ceil(round(self.share * width, 9))))
+
+
+class AnalysisOptions(_Options):
+    """What Algorithm 1 reads: how C-SWAP (and the causal baselines) walk the network and what a
+    cut leaves behind. The plan an analysis makes depends on these and on nothing in `Target`."""
+
     shuffle_units: bool = Field(True, description="visit the units of a layer in a seeded random order")
     engine: Literal[ENGINES] = Field(
         "auto", description="staged: re-run only what a cut changes (bitwise the same scores); delta: "
@@ -112,13 +137,6 @@ class PruningOptions(_Options):
         "(TF32 matmuls and convolutions, CUDA only); bf16 (autocast). The baseline sigma, the cache of the network "
         "and every reported number stay fp32; each trial is compared with the uncut network run the same way. "
         "Opt-in and approximate: the plan may differ (measured in docs/results/performance.md)")
-    round_to: int | None = Field(
-        None, ge=1, description="replay: keep every pruned layer's width a multiple of this (e.g. 8), holding back "
-        "or bringing forward the last units of a layer in the plan's order (cswap/alignment.py)")
-    latency_ratio: float | None = Field(
-        None, gt=1, description="replay: target speed-up, original over pruned latency measured on this device "
-        "(e.g. 1.5 for 1.5x faster; cswap/latency.py: a per-layer latency table, then a real measurement)")
-    latency_batch: int = Field(1, ge=1, description="batch size at which latency_ratio is measured")
     fast: FastOptions = Field(FastOptions(), description="opt-in shortcuts (cswap/pruner/fast.py); the plan may differ")
     verify_units: bool = Field(True, description="check every layer's cut against its physical removal before the "
                                "analysis and leave out layers where they differ (cswap/verify.py)")
@@ -128,11 +146,111 @@ class PruningOptions(_Options):
         "(least_squares); removal applies the same compensation (cswap/compensation.py)")
     critical_order: Literal[CRITICAL_ORDERS] = Field(
         "effect_per_param", description="the order in which a target beyond the removable units takes the kept "
-        "(critical) ones: least harmful first (effect, the paper), or least harm per parameter freed "
-        "(effect_per_param; cswap/tail_order.py)")
+        "(critical) ones: least harmful first (effect, the paper), least harm per parameter freed (effect_per_param), "
+        "or that with a bottleneck's harms grown as it thins (effect_per_param_thinning); chosen in "
+        "docs/results/tail_order.md (cswap/tail_order.py)")
+    min_width: MinWidth = Field(MinWidth(), description="the floor of each bottleneck layer in the per-parameter "
+                                "tail orders (share, minimum; none: one unit; effect, the paper's order, has none)")
+    ridge: float = Field(1e-3, gt=0, description="ridge of every least-squares solve (the compensated cut and the "
+                         "recovery of its replay), relative to the mean diagonal of the Gram matrix")
+
+    @model_validator(mode="after")
+    def _exact_trials(self):
+        if self.unit_batch != "auto" and self.unit_batch < 1:
+            raise ValueError("unit_batch must be at least 1 or 'auto'")
+        if self.fast.enabled and self.unit_batch not in (1, "auto"):
+            raise ValueError("unit_batch batches exact single-unit trials; it cannot be combined with fast")
+        if self.precision != "fp32" and self.fast.enabled:
+            raise ValueError("reduced precision (precision) applies to exact single-unit trials; it cannot be "
+                             "combined with fast")
+        if self.intervention != "zero" and self.engine == "delta":
+            raise ValueError("engine delta updates the first reader by the cut's share alone; a compensated cut "
+                             f"(intervention {self.intervention}) changes more: use engine staged or auto")
+        return self
+
+
+# A target kind -> the fields that set it: one kind per target ("one target only", checked once,
+# in `Target`). A quality target is set by either of its bounds, or both.
+TARGET_KINDS = {"params_ratio": ("params_ratio",), "flops_ratio": ("flops_ratio",),
+                "latency_ratio": ("latency_ratio",), "quality": ("max_drop", "max_class_drop")}
+KIND_FIELDS = tuple(f for fields in TARGET_KINDS.values() for f in fields)
+PREFERENCES = ("smallest", "fastest")
+
+
+class Target(_Options):
+    """What turns a plan into a model (cswap/replay.py): how far to prune, at which widths, and
+    how to repair. No field changes the analysis, so one plan serves every target; the target
+    is saved with the pruned model (`pruned.json`) so it can be rebuilt exactly."""
+
+    params_ratio: float | None = Field(None, ge=0, le=1, description="target share of parameters to remove")
+    flops_ratio: float | None = Field(None, ge=0, le=1, description="target share of MACs to remove")
+    latency_ratio: float | None = Field(
+        None, gt=1, description="target speed-up, original over pruned latency measured on this device "
+        "(e.g. 1.5 for 1.5x faster; cswap/latency.py: a per-layer latency table, then a real measurement)")
+    latency_batch: int = Field(1, ge=1, description="batch size at which latency_ratio is measured")
+    round_to: int | None = Field(
+        None, ge=1, description="keep every pruned layer's width a multiple of this (e.g. 8), holding back "
+        "or bringing forward the last units of a layer in the plan's order (cswap/alignment.py)")
     recovery: RecoveryOptions = Field(RecoveryOptions(), description="repairs after removal (cswap/recovery.py)")
-    ridge: float = Field(1e-3, gt=0, description="ridge of every least-squares solve (intervention and recovery), "
-                         "relative to the mean diagonal of the Gram matrix")
+    max_drop: float | None = Field(
+        None, ge=0, le=100, description="quality target: the most the task's metric may drop, in points (1 = one "
+        "point of accuracy or mIoU), as an upper confidence bound on held-out validation data (cswap/quality.py); "
+        "the largest prefix of the plan that meets it is kept")
+    max_class_drop: float | None = Field(
+        None, ge=0, le=100, description="quality target: the most any one class's metric may drop, in points, as "
+        "an upper confidence bound per class (each class's own bound at `confidence`)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of the quality target's bounds")
+    prefer: Literal[PREFERENCES] = Field(
+        "smallest", description="among the prefixes a quality search found to meet its target: the largest "
+        "(smallest model), or the fastest as measured (in turns, at latency_batch, on this device)")
+    validation_per_class: int = Field(
+        300, ge=1, description="samples of each class the quality target is checked on, drawn apart from S, the "
+        "calibration data and the evaluation split (Task.validation); at 300 a prefix that changes no answer "
+        "bounds a class's drop below 1.3 points and, over 10 classes, the whole drop below 0.13")
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        given = [[f for f in fields if getattr(self, f) is not None] for fields in TARGET_KINDS.values()]
+        if sum(1 for g in given if g) > 1:
+            raise ValueError(f"give one target, not {' and '.join('/'.join(g) for g in given if g)}")
+        return self
+
+    @property
+    def kind(self) -> str | None:
+        """Which of `TARGET_KINDS` is set; None: the non-critical units only (the paper's C-SWAP)."""
+        return next((n for n, fields in TARGET_KINDS.items() if any(getattr(self, f) is not None for f in fields)),
+                    None)
+
+    def describe(self) -> str:
+        """The target in words, for summaries (`params_ratio 0.5`, `max_drop 1 pt, max_class_drop 5 pt at 95 %`)."""
+        if self.kind is None:
+            return "the non-critical units"
+        if self.kind != "quality":
+            return f"{self.kind} {getattr(self, self.kind)}"
+        bounds = [f"{n} {getattr(self, n):g} pt" for n in TARGET_KINDS["quality"] if getattr(self, n) is not None]
+        return f"{', '.join(bounds)} at {self.confidence:.0%} confidence"
+
+    def to(self, **changes) -> "Target":
+        """This target with other settings, validated (`to(params_ratio=0.3)` replaces the kind)."""
+        data = self.model_dump()
+        named = {n for n, fields in TARGET_KINDS.items() if any(f in changes for f in fields)}
+        if named and named != {self.kind}:
+            data.update(dict.fromkeys(KIND_FIELDS))
+        return Target(**{**data, **changes})
+
+
+def check_recovery_fits(intervention: str, recovery: RecoveryOptions) -> None:
+    """Refuse a recovery that repeats what a compensated cut already did (ValueError)."""
+    if intervention != "zero" and "bias" in recovery.methods:
+        raise ValueError(f"recovery bias folds the removed units' means, which intervention {intervention} "
+                         "already does; use least_squares or bn")
+
+
+class PruningOptions(Target, AnalysisOptions):
+    """The config's `pruning:` section: the analysis options and the target side by side, so a
+    config reads as one section (`pruning.engine`, `pruning.params_ratio`). The run hands
+    `analysis` to Algorithm 1 and `target` to the replay; each field is declared once, in its
+    own class."""
 
     @classmethod
     def preset(cls, name: str, **options) -> "PruningOptions":
@@ -141,34 +259,14 @@ class PruningOptions(_Options):
         return cls(**{**preset_section(name, "pruning"), **options})
 
     @model_validator(mode="after")
-    def _consistent(self):
-        if self.params_ratio is not None and self.flops_ratio is not None:
-            raise ValueError("give params_ratio or flops_ratio, not both")
-        if self.unit_batch != "auto" and self.unit_batch < 1:
-            raise ValueError("unit_batch must be at least 1 or 'auto'")
-        if self.fast.enabled and self.unit_batch not in (1, "auto"):
-            raise ValueError("unit_batch batches exact single-unit trials; it cannot be combined with fast")
+    def _recovery_fits(self):
+        check_recovery_fits(self.intervention, self.recovery)  # refused when read, not after the analysis
         return self
 
-    @model_validator(mode="after")
-    def _one_target_and_exact_fast_modes(self):
-        targets = [n for n in ("params_ratio", "flops_ratio", "latency_ratio") if getattr(self, n) is not None]
-        if len(targets) > 1:
-            raise ValueError(f"give one replay target, not {' and '.join(targets)}")
-        if self.precision != "fp32" and self.fast.enabled:
-            raise ValueError("reduced precision (precision) applies to exact single-unit trials; it cannot be "
-                             "combined with fast")
-        return self
+    @property
+    def analysis(self) -> AnalysisOptions:
+        return AnalysisOptions(**{n: getattr(self, n) for n in AnalysisOptions.model_fields})
 
-    @model_validator(mode="after")
-    def _compensation_fits(self):
-        """Refused up front, not after the analysis: what the replay or the engine would refuse."""
-        if self.intervention == "zero":
-            return self
-        if "bias" in self.recovery.methods:
-            raise ValueError(f"recovery bias folds the removed units' means, which intervention {self.intervention} "
-                             "already does; use least_squares or bn")
-        if self.engine == "delta":
-            raise ValueError("engine delta updates the first reader by the cut's share alone; a compensated cut "
-                             f"(intervention {self.intervention}) changes more: use engine staged or auto")
-        return self
+    @property
+    def target(self) -> Target:
+        return Target(**{n: getattr(self, n) for n in Target.model_fields})

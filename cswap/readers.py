@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import trace_calls
-from .interfaces import Unit, UnitGraph
+from .interfaces import Layer, Unit, UnitGraph
 
 BATCHNORM = nn.modules.batchnorm._BatchNorm
 
@@ -41,7 +41,7 @@ def find_readers(model: nn.Module, graph: UnitGraph, units: Iterable[Unit], prob
     for unit in units:
         for pname, dim, per_channel in layers[unit.layer].reads:
             if dim == 1 and per_channel[unit.channel]:
-                removed.setdefault(pname.rpartition(".")[0], set()).update(per_channel[unit.channel])
+                removed.setdefault(Layer.module_of(pname), set()).update(per_channel[unit.channel])
     modules = dict(model.named_modules())
     sinks = bias_sinks(model, [modules[n] for n in removed], probe)
     order = trace_calls(model.eval(), probe, [modules[n] for n in removed]).order

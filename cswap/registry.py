@@ -1,7 +1,7 @@
 """Plugin lookup through Python entry points.
 
 The core never imports a plugin module by name: tasks, scorers, significance tests, adapters,
-criteria and model builders are found through the entry-point groups below, so a package
+criteria, model builders and fixture writers are found through the entry-point groups below, so a package
 installed beside ours (or a `*.dist-info` folder on `sys.path`) extends C-SWAP without any
 change here, and a config can only name code that some installed distribution registered.
 
@@ -28,6 +28,10 @@ GROUPS: dict[str, str] = {
     "adapters": "cswap.adapters",
     "criteria": "cswap.criteria",
     "models": "cswap.models",
+    # `cswap fixture KIND DIR`: a function `(out: Path, train_steps: int | None) -> Path` writing a
+    # small data folder, a model trained on it and a config into the empty folder `out`, and
+    # returning the config's path; it may declare `requires` (modules it needs) like a plugin
+    "fixtures": "cswap.fixtures",
 }
 
 
@@ -241,8 +245,18 @@ def create(kind: str, name: str, options: dict | None = None):
         try:
             parsed = schema(**options)
         except ValidationError as exc:
-            raise ConfigError(f"invalid options for {kind[:-1]} {name!r}: {validation_summary(exc)}") from None
+            raise ConfigError(f"invalid options for {_singular(kind)} {name!r}: {validation_summary(exc)}") from None
         return cls(parsed)
     if options:
-        raise ConfigError(f"{kind[:-1]} {name!r} takes no options, got {sorted(options)}")
+        raise ConfigError(f"{_singular(kind)} {name!r} takes no options, got {sorted(options)}")
     return cls()
+
+
+def describe_plugin(kind: str, plugin) -> dict:
+    """What a plan or report records of a plugin it used: its registered name (or, for an
+    object built by hand, `module:Class`) and its options as JSON values."""
+    cls = type(plugin)
+    name = registered_name(kind, cls) or f"{cls.__module__}:{cls.__qualname__}"
+    options = getattr(plugin, "options", None)
+    dumped = options.model_dump(mode="json") if hasattr(options, "model_dump") else {}
+    return {"name": name, "options": dumped}

@@ -1,8 +1,9 @@
 """Physical removal of units with torch-pruning, and the exact count of what it frees.
 
 `ParamLedger` counts the parameters a removal frees without touching the model, so a plan's
-steps carry their cost and a ratio is replayed to within one unit's cost. `Remover` and
-`prune_units` delete the units' slices for real, so parameters, MACs and latency drop.
+steps carry their cost and a ratio is replayed to within one unit's cost. `Remover`,
+`prune_units` and `remove_units` (through a model's adapter) delete the units' slices for
+real, so parameters, MACs and latency drop.
 """
 from __future__ import annotations
 
@@ -102,6 +103,21 @@ def prune_units(model: nn.Module, example_inputs: torch.Tensor, units: Iterable[
     if not units:
         return model
     return Remover(model, example_inputs).remove(units)
+
+
+def remove_units(model: nn.Module, units: Iterable[Unit], adapter, input_shape: tuple[int, ...]) -> nn.Module:
+    """Physically remove `units` (numbered as on the unpruned model) from `model` in place, the
+    way its adapter does: the adapter's own removal for units that are not torch-pruning
+    channels (ViT heads), else torch-pruning traced on a zero input of `input_shape`; then
+    the adapter's attribute fixes. Shapes only: compensation and recovery are the replay's."""
+    units = list(units)
+    if adapter.removes_units:
+        adapter.remove(model, units)
+    else:
+        p = next(model.parameters())
+        prune_units(model, torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype), units)
+    adapter.after_pruning(model)
+    return model
 
 
 def count_params(model: nn.Module) -> int:

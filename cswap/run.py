@@ -21,19 +21,22 @@ import torch
 from torch import nn
 
 from . import rundir
-from .build import analysis_from_config, build_model, load_weights, resolve_adapter
-from .config import RunConfig, dump_config, load_config_text, parse_config
+from .build import analysis_from_config, analysis_from_parts, parts_from_config
+from .collapse import collapse
+from .config import RunConfig, dump_config
 from .coverage import check_coverage
 from .distributed import is_main_process
 from .errors import ConfigError, CSwapError, DataError, ModelError, OutputError, RunInterrupted
-from .files import load_checkpoint, save_state_dict_atomic, write_native, write_text_atomic
+from .files import json_text, save_state_dict_atomic, write_native, write_text_atomic
 from .interfaces import Analysis, Manifold
 from .interrupt import deferred, interruptible
 from .metrics import compare_costs
 from .plan import PruningPlan
+from .power import dry_run_lines, judgement
+from .pruned_record import PrunedRecord
 from .pruner import progressive_prune
-from .replay import calibration_for, replay
 from .removal import count_params
+from .replay import ReplayData, prune, replay_steps
 from .rundir import STATE_FILE, RunLock, partial_of
 
 log = logging.getLogger("cswap")
@@ -45,9 +48,13 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return cfg.output.dir / f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
+PROBE_SIDE = 128  # --dry-run traces and checks units on at most this many pixels a side (estimate.shrunk_inputs)
+
+
 def describe(cfg: RunConfig) -> str:
     """What `--dry-run` prints: the model, its units, and what would run."""
-    a, note = analysis_from_config(cfg, random_if_missing=True, on_device=False)  # every plugin's options validated
+    a, note = analysis_from_config(cfg, random_if_missing=True, on_device=False,  # every plugin's options validated
+                                   probe_side=PROBE_SIDE)
     graph, x = a.units, a.example_inputs
     lines = [
         f"model      {cfg.model.source}:{cfg.model.name}  ({count_params(a.model):,} parameters; {note})",
@@ -60,16 +67,43 @@ def describe(cfg: RunConfig) -> str:
     lines += [f"  {layer.name:<40} {layer.channels:>6}" for layer in graph.layers]
     lines += [f"  not pruned: {name}: {why}" for name, why in graph.skipped.items()]
     lines += [f"  not checked (kept): {name}: {why}" for name, why in graph.unverified.items()]
-    target = cfg.pruning.params_ratio or cfg.pruning.flops_ratio
+    target = cfg.pruning.target
     fast = cfg.pruning.fast
     modes = [name for name in ("group_testing", "sequential", "taylor_order") if getattr(fast, name)]
     lines.append((f"would run  fast modes {', '.join(modes)} on {graph.num_units} units (the plan may differ from the "
                   "exact one)" if modes else f"would run  one forward pass over S per unit ({graph.num_units} units)")
-                 + (f", then replay to target {target}" if target else ", then remove non-critical units"))
+                 + (f", then replay to {target.describe()}" if target.kind else ", then remove non-critical units"))
     from .estimate import estimate
 
-    lines += estimate(a, cfg.seed).lines()  # |S|, engine, trials, a probe pass and the time it implies
+    if tuple(graph.input_shape) != tuple(x.shape[1:]):
+        lines.append(f"traced     units traced and checked on a {tuple(graph.input_shape)} input, not {tuple(x.shape[1:])}: "
+                     "a CNN's units do not depend on the image size")
+    traced = torch.zeros((1, *graph.input_shape), dtype=x.dtype)
+    probe = estimate(a, cfg.seed, traced)
+    lines += probe.lines()  # |S|, engine, trials, a probe pass and the time it implies
+    lines += dry_run_lines(a, cfg.seed)  # the test's minimum detectable effect on S, and its warning
+    if target.kind == "quality":
+        lines.append(_quality_estimate(a, target, probe, cfg.seed))
     return "\n".join(lines)
+
+
+def _quality_estimate(a: Analysis, target, probe, seed: int) -> str:
+    """The quality search's cost, before the run: at most `replays_at_most(units)` replays, each
+    a pass over the validation data and, with recovery, about one pass over the calibration
+    data per layer, timed by the probe's seconds per sample. The validation data is drawn as
+    the run draws it, so a task that cannot give it is refused here too, not minutes later."""
+    from .estimate import _duration
+    from .quality_search import replays_at_most
+
+    data = ReplayData.drawn(a.task, seed, None, target)  # refusals: cswap.replay.validation_for
+    validation = data.validation
+    per_sample = probe.probe.seconds / max(probe.probe.samples, 1)
+    refits = len(a.units.layers) * len(data.calibration) if target.recovery.methods else 0
+    passes = len(validation) + refits
+    replays = replays_at_most(a.units.num_units)
+    return (f"quality    search by replay: at most {replays} replays, each on {len(validation)} validation samples "
+            f"({target.validation_per_class} per class): about {_duration(replays * passes * per_sample)} after "
+            "the analysis")
 
 
 def self_check(cut_model: nn.Module, pruned: nn.Module, batch: torch.Tensor) -> float:
@@ -162,21 +196,26 @@ class Setup:
     note: str
     manifold: Manifold
     before: dict = field(default_factory=dict)
+    validation: Manifold | None = None  # a quality target's (`Task.validation`), drawn before anything exists
 
 
 def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     """Build and check everything before the run directory exists: options (pydantic),
     model and checkpoint, data, units, the classes S covers, the original model's metrics.
     Any bad input fails here and leaves nothing behind."""
-    a, note = analysis_from_config(cfg)
-    if not a.units.layers:
-        raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in a.units.skipped.items()))
-    manifold = a.task.manifold(cfg.seed)
+    parts = parts_from_config(cfg)
+    manifold = parts.task.manifold(cfg.seed)  # the data first: checked in seconds, before the units (minutes)
     if len(manifold) == 0:
         raise DataError("the sample set S is empty")
-    check_coverage(a.task, manifold, a.model, a.example_inputs.to(a.device))
+    check_coverage(parts.task, manifold, parts.model, parts.example_inputs)
+    a, note = analysis_from_parts(parts, cfg), parts.note
+    if not a.units.layers:
+        raise ModelError("the model has no prunable units: " + "; ".join(f"{n}: {w}" for n, w in a.units.skipped.items()))
+    target, validation = cfg.pruning.target, None
+    if target.kind == "quality":  # too few samples, or a task that cannot measure it: refused now
+        validation = ReplayData.drawn(a.task, cfg.seed, None, target, manifold).validation
     before = a.task.evaluate(a.model, a.device) if evaluate else {}
-    return Setup(a, note, manifold, before)
+    return Setup(a, note, manifold, before, validation)
 
 
 def _open(final: Path, cfg: RunConfig, resume, force: bool) -> tuple[RunLock, dict | None]:
@@ -230,9 +269,13 @@ def run_prune(cfg: RunConfig, run_dir: str | Path | None = None, progress: bool 
                 with _run_log(partial if main else None, state):
                     report = _run(cfg, setup, partial if main else None, progress and main, state)
                     if main:
-                        write_text_atomic(partial / "report.json", json.dumps(report, indent=1) + "\n")
+                        write_text_atomic(partial / "report.json", json_text(report))
                 if main:
                     rundir.finish(partial, final)
+            except CSwapError:  # (an interruption is not one: its state is kept to resume)
+                if main and resume is None:
+                    rundir.discard_unfinished(partial)  # bad input found mid-run: nothing half-written stays
+                raise
             finally:
                 if lock is not None:
                     lock.release()
@@ -288,7 +331,7 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
     try:
         ranking = progressive_prune(replace(a, progress=progress), cfg.seed, manifold=manifold, checkpoint=checkpoint if out else None,
                                     checkpoint_seconds=cfg.output.checkpoint_seconds, resume=resume)
-        plan = PruningPlan.from_ranking(model, graph, ranking, adapter=a.adapter_name)
+        plan = PruningPlan.from_analysis(a, ranking)
     except BaseException:
         if out is not None and "state" in latest:
             _save_last_state(out, latest["state"])
@@ -305,58 +348,76 @@ def _run(cfg: RunConfig, setup: Setup, out: Path | None, progress: bool, resume:
 
 
 def _deploy(cfg: RunConfig, setup: Setup, plan: PruningPlan, out: Path, progress: bool) -> dict:
-    """The plan replayed to the configured target (compensated and repaired as configured),
-    checked against its cut model, measured beside the original, and saved."""
+    """The plan replayed to the configured target (`cswap.replay`), checked against its cut
+    model, measured beside the original, and saved with its record (`pruned.json`)."""
     a, manifold, device = setup.analysis, setup.manifold, setup.analysis.device
-    model, recovery = a.model, cfg.pruning.recovery
-    plan = plan.aligned(cfg.pruning.round_to)
-    k, latency_search = _steps_for_target(cfg, plan, model, out, a.adapter)
-    calibration = calibration_for(a.task, cfg.seed, recovery, manifold)
-    replayed = replay(plan, model, k, adapter=a.adapter, graph=a.units, sample_set=manifold, calibration=calibration,
-                      recovery=recovery, ridge=cfg.pruning.ridge, progress=progress)
-    pruned = replayed.pruned
+    model, target = a.model, cfg.pruning.target
+    data = ReplayData.for_task(a.task, plan, target, sample_set=manifold, validation=setup.validation)
+    replayed = prune(plan, model, target, data, adapter=a.adapter, graph=a.units, latency_cache=out,
+                     latency_backend=cfg.output.latency_backend, keep_cut=True, progress=progress)
+    pruned = replayed.model
     diff = self_check(replayed.cut, pruned, manifold.batches[0][0][:64].to(device))
     before, after = dict(setup.before), a.task.evaluate(pruned, device)
-    # timed in turns, so the two latencies see the same machine load
+    # timed in turns, so the two latencies see the same machine load, in the runtime users deploy with
     costs = compare_costs([model, pruned], a.example_inputs.to(device), repeats=cfg.output.latency_repeats,
-                          batch=cfg.output.latency_batch)
+                          batch=cfg.output.report_batch, backend=cfg.output.latency_backend, threads=cfg.threads)
     before.update(costs[0])
     after.update(costs[1])
     save_state_dict_atomic(pruned.state_dict(), out / "pruned_model.pt")
+    PrunedRecord.of(plan, replayed.steps, target, cfg.model.model_dump(mode="json")).save(out)
     write_native(pruned, out)  # e.g. an mmseg checkpoint and config beside it
-    target = {n: getattr(cfg.pruning, n) for n in ("params_ratio", "flops_ratio", "latency_ratio")}
     report = {
         "model": f"{cfg.model.source}:{cfg.model.name}", "metric": a.task.metric, "adapter": a.adapter_name,
-        "target": target, "round_to": cfg.pruning.round_to,
-        "intervention": plan.meta.get("intervention", "zero"), "steps_applied": k,
-        "categories": plan.category_counts(), "units_total": a.units.num_units, "units_removed": len(plan.units(k)),
+        "scorer": plan.scorer, "test": plan.test, "target": target.model_dump(mode="json"),
+        "intervention": plan.intervention, "steps_applied": replayed.steps,
+        "categories": plan.category_counts(), "units_total": a.units.num_units, "units_removed": len(replayed.units),
         "before": before, "after": after,
         "params_removed_ratio": 1 - after["params"] / before["params"],
         "macs_removed_ratio": 1 - after["macs"] / before["macs"],
         "self_check_max_abs_diff": diff,
     }
-    if latency_search is not None:
-        report["latency_search"] = latency_search
+    # what the test could see on S, and what it could not judge (cswap/power.py)
+    report["judgement"] = judgement(a, manifold, plan, replayed.units)
+    # a bottleneck left below its floor, or a model near chance on S, named (cswap/collapse.py)
+    report["collapse"] = collapse(plan, replayed.units, a.task, model, a.units, pruned, manifold, device)
+    if replayed.search is not None and target.kind == "quality":
+        report["quality"] = _quality_section(a, target, replayed.search, pruned, report, out)
+    elif replayed.search is not None:
+        report["latency_search"] = replayed.search
+    if "quality" not in report and a.task.measures_outcomes and a.task.per_class_metric:
+        report["per_class"] = _per_class_section(a, target, pruned, report["params_removed_ratio"], out)
     if replayed.recovery is not None:  # what the repair did: the metric of the same removal without it
-        unrepaired = plan.apply_prefix(model, k, adapter=a.adapter, sample_set=manifold)
+        unrepaired = replay_steps(plan, model, replayed.steps, target.to(recovery="none"), data, adapter=a.adapter)
         report["recovery"] = {**replayed.recovery.to_json(), a.task.metric + "_before": a.task.evaluate(
-            unrepaired, device)[a.task.metric]}
+            unrepaired.model, device)[a.task.metric]}
     return report
 
 
-def _steps_for_target(cfg: RunConfig, plan: PruningPlan, model: nn.Module, out: Path, adapter) -> tuple[int, dict | None]:
-    """The prefix for the configured target; a latency target measures its way there with a
-    per-layer latency table cached in the run directory (`cswap.latency`)."""
-    options = cfg.pruning
-    if options.latency_ratio is None:
-        return plan.prefix(model, options.params_ratio, options.flops_ratio), None
-    from .latency import latency_search, table_for
+def _quality_section(a: Analysis, target, search: dict, pruned: nn.Module, report: dict, out: Path) -> dict:
+    """What a quality target chose, checked on validation data, measured on the test split at
+    the chosen point (never used to choose), per class; with its two plots in the run directory."""
+    from .quality_search import quality_report
+    from .reports import plot_class_metrics, plot_quality_search
 
-    table = table_for(plan, model, options.latency_batch, cache=out, adapter=adapter)
-    search = latency_search(plan, model, options.latency_ratio, table, adapter=adapter)
-    log.info("latency target x%.2f: %d steps, measured x%.2f", options.latency_ratio, search.steps,
-             search.measured_speedup)
-    return search.steps, search.to_json()
+    before, after = a.task.outcomes(a.model, a.device), a.task.outcomes(pruned, a.device)
+    speedup = report["before"]["latency_ms_batch1"] / report["after"]["latency_ms_batch1"]
+    section = quality_report(search, target, before, after, report["params_removed_ratio"], speedup)
+    plot_class_metrics(section, a.task.metric, out / "class_metrics.png")
+    plot_quality_search(section, a.task.metric, out / "quality_search.png")
+    return section
+
+
+def _per_class_section(a: Analysis, target, pruned: nn.Module, removed: float, out: Path) -> dict:
+    """Every class's metric before and after on the test split, and the class that dropped most
+    (`cswap.quality.class_report`: the mean hides a class that pruning wrecked), with
+    class_metrics.png in the run directory; a quality target's section carries the same."""
+    from .quality import class_report
+    from .reports import plot_class_metrics
+
+    section = class_report(a.task.outcomes(a.model, a.device), a.task.outcomes(pruned, a.device))
+    plot_class_metrics({"test": section, "target": target.describe(), "params_removed_ratio": removed},
+                       a.task.metric, out / "class_metrics.png")
+    return section
 
 
 def _save_last_state(out: Path, state: dict) -> None:
@@ -367,66 +428,3 @@ def _save_last_state(out: Path, state: dict) -> None:
             write_text_atomic(out / STATE_FILE, json.dumps(state) + "\n")
     except CSwapError as exc:  # e.g. the disk is full: the previous checkpoint stays
         log.warning("could not save the last decisions: %s", exc)
-
-
-def load_pruned(run_dir: str | Path) -> nn.Module:
-    """Rebuild a run's pruned model in a fresh process: architecture from the config, shape
-    from replaying the plan, weights from `pruned_model.pt` (loaded with weights_only).
-
-    A run directory may come from elsewhere, so none of its files can make this run code:
-    the config passes the same validation as `cswap prune` (registered plugins only, every
-    mmseg `type` checked, never `allow_pickle`), the plan is JSON checked against the model,
-    and a malformed file is a `CSwapError` naming it. (An mmseg config *file* that the config
-    names is Python and runs, as it did for the run: name only trusted files.)"""
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "plan.json", "report.json", "pruned_model.pt"):
-        if not (run_dir / name).is_file():
-            raise DataError(f"{run_dir} is not a complete run directory: {name} is missing")
-    cfg = parse_config(load_config_text((run_dir / "config.yaml").read_text(), run_dir / "config.yaml"))
-    plan = _read_plan(run_dir / "plan.json")
-    report = _read_json(run_dir / "report.json")
-    steps, round_to = report.get("steps_applied"), report.get("round_to")
-    if not isinstance(steps, int) or not 0 <= steps <= len(plan.steps):
-        raise DataError(f"{run_dir / 'report.json'}: steps_applied {steps!r} is not a step count of the plan "
-                        f"(0..{len(plan.steps)})")
-    model, _ = build_model(cfg.model.model_copy(update={"weights": None, "allow_pickle": False}))
-    if count_params(model) != plan.params_total:
-        raise DataError(f"{run_dir / 'plan.json'} was made for a model with {plan.params_total} parameters; "
-                        f"the config's model has {count_params(model)}")
-    _check_plan_layers(plan, model, run_dir / "plan.json")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise DataError(f"{run_dir / 'report.json'}: round_to {round_to!r} is not a positive width")
-    _, adapter = resolve_adapter(cfg.adapter, model)
-    pruned = plan.aligned(round_to).remove(model, steps, adapter)  # the shape; the weights (compensated, recovered) come from the file
-    load_weights(pruned, load_checkpoint(run_dir / "pruned_model.pt"), str(run_dir / "pruned_model.pt"))
-    return pruned.eval()
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); was it truncated or edited?") from exc
-    if not isinstance(data, dict):
-        raise DataError(f"{path} does not hold a JSON object")
-    return data
-
-
-def _read_plan(path: Path) -> PruningPlan:
-    try:
-        return PruningPlan.from_json(_read_json(path))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path} is not a readable C-SWAP plan: {type(exc).__name__}: {exc}") from exc
-
-
-def _check_plan_layers(plan: PruningPlan, model: nn.Module, path: Path) -> None:
-    """Every layer of the plan is a module of the model, every step a channel of its layer."""
-    for name in plan.layers:
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise DataError(f"{path}: layer {name!r} of the plan is not a module of {type(model).__name__}") from None
-    for step in plan.steps:
-        unit = step.unit
-        if unit.layer not in plan.layers or not 0 <= unit.channel < int(plan.layers[unit.layer]):
-            raise DataError(f"{path}: step {unit} is not a channel of a layer of the plan")

@@ -22,7 +22,6 @@ represented by two points at the same x and has zero width, as the trapezoid rul
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import numpy as np
@@ -52,34 +51,3 @@ def sauce(ratios: Iterable[float], values: Iterable[float]) -> float:
     order = np.argsort(x, kind="stable")
     x, y = x[order], y[order]
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
-
-
-class Sauce:
-    """Stateful twin of `sauce`, fed one point at a time (e.g. while a curve is evaluated).
-
-    >>> s = Sauce(); s.update(0.0, 90.0); s.update(1.0, 10.0); s.compute()
-    50.0
-    """
-
-    def __init__(self) -> None:
-        self.ratios: list[float] = []
-        self.values: list[float] = []
-
-    def update(self, ratio: float, value: float) -> None:
-        ratio, value = float(ratio), float(value)
-        if not (math.isfinite(ratio) and math.isfinite(value)):
-            raise ValueError(f"non-finite point ({ratio}, {value})")
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"a ratio is the fraction of parameters removed, in [0, 1]; got {ratio}")
-        self.ratios.append(ratio)
-        self.values.append(value)
-
-    def compute(self) -> float:
-        return sauce(self.ratios, self.values)
-
-    def reset(self) -> None:
-        self.ratios.clear()
-        self.values.clear()
-
-    def __len__(self) -> int:
-        return len(self.ratios)

@@ -18,11 +18,15 @@ from tqdm.auto import tqdm
 from . import registry
 from .build import analysis_from_config
 from .config import PluginRef, RunConfig
-from .curves import DEFAULT_RATIOS, replay_curve, replay_data
+from .curves import DEFAULT_RATIOS, replay_curve
 from .interfaces import Analysis
+from .options import Target
 from .plan import PruningPlan
 from .pruner import progressive_prune
+from .replay import ReplayData, replay_steps
 from .sauce import sauce
+
+CATEGORIES = ("neutral", "detrimental", "critical", "inconclusive")  # counted per row
 
 
 @dataclass(frozen=True)
@@ -41,38 +45,40 @@ def settings(alphas, samples, test_grid: dict[str, list] | None = None) -> list[
     """Every combination of alpha, M_k and the values of each test option in `test_grid`."""
     keys = list(test_grid or {})
     combos = itertools.product(*[test_grid[k] for k in keys]) if keys else [()]
-    return [Setting(a, m, tuple(zip(keys, values))) for a, m, values in itertools.product(alphas, samples, list(combos))]
+    return [Setting(a, m, tuple(zip(keys, values)))
+            for a, m, values in itertools.product(alphas, samples, list(combos))]
 
 
 def run_sweep(cfg: RunConfig, grid: list[Setting], seeds: int = 1, ratios=DEFAULT_RATIOS,
               progress: bool = True) -> list[dict]:
+    test_ref = cfg.test or PluginRef(name=registry.load("tasks", cfg.task.name).default_test)
+    tests = {s: registry.create("tests", test_ref.name, {**test_ref.options, **dict(s.test_options)}).with_alpha(s.alpha)
+             for s in grid}  # every setting validated by the test's own options, before any analysis
     base, _ = analysis_from_config(cfg)
-    test_ref = cfg.test or PluginRef(name=base.task.default_test)
     unpruned = base.task.evaluate(base.model)[base.task.metric]  # the eval split does not depend on M_k
     rows = []
     jobs = [(s, cfg.seed + i) for s in grid for i in range(seeds)]
     for setting, seed in tqdm(jobs, desc="sweep", unit="analysis", disable=not progress):
-        test = registry.create("tests", test_ref.name, {**test_ref.options, **dict(setting.test_options)})
-        analysis = replace(base, test=test.with_alpha(setting.alpha))
-        rows.append(_row(analysis, setting, seed, ratios, unpruned))
+        analysis = replace(base, test=tests[setting])
+        rows.append(_row(analysis, setting, seed, ratios, unpruned, cfg.pruning.target))
     return rows
 
 
-def _row(a: Analysis, setting: Setting, seed: int, ratios, unpruned: float) -> dict:
-    manifold = a.task.manifold(seed, setting.samples_per_class)
-    plan = PruningPlan.from_ranking(a.model, a.units, progressive_prune(a, seed, manifold=manifold),
-                                    adapter=a.adapter_name)
+def _row(a: Analysis, setting: Setting, seed: int, ratios, unpruned: float, target: Target) -> dict:
+    plan = PruningPlan.from_analysis(a, progressive_prune(a, seed, samples_per_class=setting.samples_per_class))
     metric, k = a.task.metric, plan.num_noncritical
     removed = plan.cumulative_params_removed()
-    data = replay_data(a, seed)
-    noncritical = a.task.evaluate(plan.apply_prefix(a.model, k, adapter=a.adapter, **data))[metric] if k else unpruned
-    curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, **data)
+    data = ReplayData.for_task(a.task, plan, target)  # this setting's S: the plan's seed and M_k
+    noncritical = (a.task.evaluate(replay_steps(plan, a.model, k, target, data, adapter=a.adapter).model)[metric]
+                   if k else unpruned)
+    curve = replay_curve(a.model, plan, a.task, ratios, a.adapter, metric, unpruned, target=target, data=data)
     counts = plan.category_counts()
     return {
         "alpha": setting.alpha, "samples_per_class": setting.samples_per_class or a.task.samples_per_class,
-        **dict(setting.test_options), "seed": seed,
+        # a test option named like a count (`neutral: equivalent`) keeps its value under `test.<name>`
+        **{(f"test.{k}" if k in CATEGORIES else k): v for k, v in setting.test_options}, "seed": seed,
         "neutral": counts.get("neutral", 0), "detrimental": counts.get("detrimental", 0),
-        "critical": counts.get("critical", 0), "noncritical_units": k,
+        "critical": counts.get("critical", 0), "inconclusive": counts.get("inconclusive", 0), "noncritical_units": k,
         "noncritical_params_ratio": removed[k] / plan.params_total,
         f"noncritical_{metric}": noncritical, f"unpruned_{metric}": unpruned,
         "sauce": sauce([r["params_ratio"] for r in curve], [100 * r[metric] for r in curve]),

@@ -148,7 +148,8 @@ def _probe_units(layer: Layer) -> list[Unit]:
     return [Unit(layer.name, ch) for ch in channels]
 
 
-def _check_layers(graph: UnitGraph, probe: _Probe, cut_model: nn.Module, backend) -> tuple[dict[str, str], dict[str, str]]:
+def _check_layers(graph: UnitGraph, probe: _Probe, cut_model: nn.Module,
+                  backend) -> tuple[dict[str, str], dict[str, str]]:
     """Each layer from the input side: cut its probe units in `cut_model`, have `backend`
     remove them, compare; see the module docstring for why this makes every verdict the
     layer's own. A layer that fails is restored in both copies."""

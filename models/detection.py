@@ -90,7 +90,8 @@ class DenseDetector(nn.Module):
             boxes = boxes.reshape(n, a, 4)
             scores = torch.sigmoid(out["cls_logits"])
         else:
-            boxes = self.box_coder.decode(out["bbox_regression"], anchors.unsqueeze(0).expand_as(out["bbox_regression"]))
+            regression = out["bbox_regression"]
+            boxes = self.box_coder.decode(regression, anchors.unsqueeze(0).expand_as(regression))
             scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
         boxes = box_ops.clip_boxes_to_image(boxes, size)
         return torch.cat([boxes, scores], dim=-1)
@@ -166,7 +167,8 @@ def torchvision_detector(name: str = "retinanet_resnet50_fpn", num_classes: int 
     """
     wrapper_keys = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
     wrapper = {k: kwargs.pop(k) for k in wrapper_keys if k in kwargs}
-    detector = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
+    detector = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=num_classes,
+                                            **kwargs)
     return DenseDetector(detector, **wrapper)
 
 

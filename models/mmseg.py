@@ -15,17 +15,12 @@ so the unit discovery reports them as not used, and their parameters (38,355 of 
 for DDRNet-23-slim) stay in the parameter counts. Input normalisation (the config's
 `data_preprocessor` mean, std and BGR->RGB) is done by the task, not here.
 
-What a config can run: an mmseg config *file* is Python, and mmengine executes it to read
-it, as mmseg itself does, so only trusted files may be named (`model.kwargs.config`, the
-segmentation task's `config`). Everything else is data and is checked before anything is
-built (`check_config`): mmengine resolves a `type` that is not a registered name by importing
-it as a dotted path (`type: os.system` would call `os.system`), so every `type` under `model`
-(the only section C-SWAP builds; pipelines and runner sections are never built) and every
-`type` given in `cfg_options` must be a name registered in mmseg's or mmengine's registries, `_scope_`/`default_scope` must be
-one of theirs, `custom_imports` is refused, and `cfg_options` may not touch the keys that
-change what is imported. While the segmentor is built, mmengine's dotted-path fallback is
-switched off as well (`_registered_types_only`), in case a registry looks a name up where
-the check did not expect it.
+What a config can run: nothing that is not trusted. Configs are read by
+`models/mmseg_config.py` (YAML and JSON as data; a `.py` only when it ships inside mmseg, or
+under the user's `--trust-python-config`), and every `type` they name is checked before
+anything is built. The pruned model's config is written as JSON data (`save_mmseg_checkpoint`),
+so a run directory reloads without executing anything, and stock mmseg refuses it loudly
+instead of building the unpruned widths.
 
 OpenMMLab checkpoints saved by a training run may also hold pickled training state
 (`message_hub`, optimizer), which `weights_only` loading refuses; either set
@@ -34,167 +29,24 @@ OpenMMLab checkpoints saved by a training run may also hold pickled training sta
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cswap.errors import ConfigError
+from cswap.errors import ConfigError, CSwapError, ModelError, one_line
 
 from . import mmcv_bridge
+from .mmseg_config import (  # noqa: F401  (load_config, resolve_config: re-exported, the family's public names)
+    PRUNED_FORMAT, PRUNED_KEY, REBUILD, REFUSED_TYPE, check_segmentor, load_config, registered_types_only,
+    resolve_config,
+)
 
 if importlib.util.find_spec("mmcv") is not None:  # `import cswap.models.mmseg` makes `import mmseg.apis` work
     mmcv_bridge.install()
-
-
-def resolve_config(config: str | Path) -> Path:
-    """A config file path, or the file name of a config shipped inside the installed mmseg
-    (`mmseg/.mim/configs/<model>/<name>.py`), so configs work without an mmseg checkout."""
-    path = Path(config).expanduser()
-    if path.is_file():
-        return path
-    mmcv_bridge.install()
-    import mmseg
-
-    shipped = Path(mmseg.__file__).parent / ".mim" / "configs"
-    name = path.name if path.suffix == ".py" else path.name + ".py"
-    found = sorted(shipped.rglob(name))
-    if not found:
-        raise ConfigError(
-            f"mmseg config {config!r} is neither a file nor a config shipped with mmseg "
-            f"(searched {shipped}); give a path or a name like "
-            "'ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py'"
-        )
-    return found[0]
-
-
-SAFE_SCOPES = ("mmseg", "mmengine")
-# cfg_options keys that would change what mmengine imports or where it looks names up
-_IMPORT_KEYS = ("custom_imports", "_base_", "default_scope", "_scope_")
-
-
-def load_config(config: str | Path, cfg_options: dict | None = None):
-    """The mmengine Config of `config` (see `resolve_config`), with `cfg_options` merged and
-    every `type` checked (`check_config`). The file itself is executed: it must be trusted."""
-    mmcv_bridge.install()
-    from mmengine import Config
-
-    if cfg_options is not None and not isinstance(cfg_options, dict):
-        raise ConfigError(f"model.kwargs.cfg_options must be a mapping of config keys, not {type(cfg_options).__name__}")
-    if cfg_options:
-        _check_options(cfg_options)
-    path = resolve_config(config)
-    try:
-        cfg = Config.fromfile(str(path), import_custom_modules=False)
-    except Exception as exc:  # the file is Python: anything it raises means it cannot be read
-        raise ConfigError(f"cannot read mmseg config {path}: {type(exc).__name__}: {exc}") from exc
-    if cfg_options:
-        _walk(cfg_options, "cfg_options", "model.kwargs.")
-        cfg.merge_from_dict(cfg_options)
-    check_config(cfg, str(path))
-    return cfg
-
-
-def _check_options(options: dict, prefix: str = "cfg_options") -> None:
-    for key, value in options.items():
-        path = f"{prefix}.{key}"
-        if any(part in _IMPORT_KEYS for part in str(key).split(".")):
-            raise ConfigError(f"model.kwargs.{path} may not be set: it changes what mmengine imports")
-        if isinstance(value, dict):
-            _check_options(value, path)
-
-
-@functools.lru_cache(maxsize=1)
-def registered_names() -> dict[str, frozenset[str]]:
-    """Names registered in mmseg's and mmengine's registries, by scope (modules they list
-    as locations imported first, as mmengine does on first use)."""
-    mmcv_bridge.install()
-    import mmengine.registry
-    import mmseg.registry
-    from mmengine.registry import Registry
-
-    names: dict[str, set[str]] = {scope: set() for scope in SAFE_SCOPES}
-    for module in (mmseg.registry, mmengine.registry):
-        for registry in vars(module).values():
-            if isinstance(registry, Registry) and registry.scope in names:
-                registry.import_from_location()
-                names[registry.scope].update(registry.module_dict)
-    return {scope: frozenset(v) for scope, v in names.items()}
-
-
-def check_config(cfg, source: str) -> None:
-    """Refuse anything in an mmengine config that would make mmengine import code by name
-    when its `model` is built: a `type` that is not registered with mmseg or mmengine, a
-    foreign `_scope_` or `default_scope`, `custom_imports`. The error names the key."""
-    if cfg.get("custom_imports"):
-        imports = cfg["custom_imports"].get("imports") if isinstance(cfg["custom_imports"], dict) else None
-        raise ConfigError(f"mmseg config {source}: custom_imports ({imports}) is not supported: C-SWAP builds only "
-                          "types registered by mmseg and mmengine, and never imports modules a config names")
-    scope = cfg.get("default_scope")
-    if scope is not None and scope not in SAFE_SCOPES:
-        raise ConfigError(f"mmseg config {source}: default_scope {scope!r} is not one of {', '.join(SAFE_SCOPES)}")
-    model = cfg.get("model")
-    _walk(model.to_dict() if hasattr(model, "to_dict") else model, "model", f"mmseg config {source}: ")
-
-
-def _walk(node, path: str, source: str) -> None:
-    """Check every `type` and `_scope_` under `node`; `source` prefixes the key in errors."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            leaf = str(key).rpartition(".")[2]  # cfg_options keys may be dotted paths
-            if leaf == "type":
-                _check_type(value, where, source)
-            elif leaf == "_scope_" and value not in SAFE_SCOPES:
-                raise ConfigError(f"{source}{where} = {value!r} is not one of {', '.join(SAFE_SCOPES)}")
-            else:
-                _walk(value, where, source)
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            _walk(value, f"{path}[{i}]", source)
-
-
-def _check_type(value, where: str, source: str) -> None:
-    if not isinstance(value, str):  # a class in a (trusted) Python config: only from the OpenMMLab stack
-        module = getattr(value, "__module__", "") or ""
-        if callable(value) and module.split(".")[0] in (*SAFE_SCOPES, "mmcv", "torch"):
-            return
-        raise ConfigError(f"{source}{where} = {value!r} is not a registered mmseg/mmengine type")
-    scope, _, name = value.partition(".") if "." in value else (None, "", value)  # as mmengine splits it
-    names = registered_names()
-    known = names.get(scope, frozenset()) if scope else names["mmseg"] | names["mmengine"]
-    if name not in known:
-        raise ConfigError(
-            f"{source}{where} = {value!r} is not a type registered in mmseg's or mmengine's "
-            "registries; C-SWAP never imports a dotted path named in a config")
-
-
-@contextlib.contextmanager
-def _registered_types_only():
-    """mmengine's `Registry.get` imports an unknown name as a dotted path; here it finds
-    nothing instead, and the name is reported (mmengine would wrap any error we raised)."""
-    import mmengine.registry.registry as mm_registry
-
-    original, refused = mm_registry.get_object_from_string, []
-
-    def refuse(name: str):
-        refused.append(name)
-        return None
-
-    mm_registry.get_object_from_string = refuse
-    try:
-        yield
-    except Exception as exc:
-        if refused:
-            raise ConfigError(f"the mmseg config names {refused[0]!r}, which is not registered in the registry "
-                              "that builds it; C-SWAP never imports a dotted path named in a config") from exc
-        raise
-    finally:
-        mm_registry.get_object_from_string = original
 
 
 class SegLogits(nn.Module):
@@ -219,6 +71,7 @@ class SegLogits(nn.Module):
         self.num_classes = int(self.decode_head.out_channels)
         self.dataset_meta = getattr(segmentor, "dataset_meta", None)
         self.cfg = cfg if cfg is not None else getattr(segmentor, "cfg", None)
+        self.data_settings: dict | None = None  # the run's data (root, split, scale): set by the segmentation task
         object.__setattr__(self, "_shell", segmentor)  # not a submodule: no duplicate parameters
 
     def train(self, mode: bool = True) -> "SegLogits":
@@ -262,17 +115,30 @@ def build_mmseg_model(config: str, cfg_options: dict | None = None) -> SegLogits
     `config` is a path or the name of a config shipped with mmseg. The backbone's ImageNet
     `init_cfg` is dropped (nothing is downloaded; `model.weights` loads the trained
     checkpoint afterwards), and SyncBN, used by the Cityscapes configs, becomes BatchNorm.
+    The config must be plain data (it is written beside the pruned model), checked here,
+    before any analysis.
     """
+    cfg = load_config(config, cfg_options)
+    check_segmentor(cfg, str(config))
+    plain_data(cfg.to_dict(), f"mmseg config {config}")
+    return SegLogits(_build_segmentor(cfg, str(config)), cfg).eval()
+
+
+def _build_segmentor(cfg, source: str) -> nn.Module:
+    """mmseg's `init_model` on CPU, SyncBN reverted; whatever mmseg raises on the config's
+    values (a width that is not a number, a head that does not fit its backbone) is one line."""
     mmcv_bridge.install()
     from mmengine.model import revert_sync_batchnorm
     from mmseg.apis import init_model
 
-    cfg = load_config(config, cfg_options)
-    if cfg.model.get("type") not in ("EncoderDecoder",):
-        raise ConfigError(f"model builder mmseg supports EncoderDecoder segmentors, not {cfg.model.get('type')!r}")
-    with _registered_types_only():
-        segmentor = revert_sync_batchnorm(init_model(cfg, checkpoint=None, device="cpu"))
-    return SegLogits(segmentor, cfg).eval()
+    try:
+        with registered_types_only():
+            return revert_sync_batchnorm(init_model(cfg, checkpoint=None, device="cpu"))
+    except CSwapError:
+        raise
+    except Exception as exc:  # mmseg validates nothing up front: any error here is the config's values
+        raise ModelError(f"mmseg cannot build the segmentor of {source}: {type(exc).__name__}: "
+                         f"{one_line(exc)}") from exc
 
 
 def input_normalisation(cfg) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -286,14 +152,14 @@ def input_normalisation(cfg) -> tuple[torch.Tensor, torch.Tensor, bool]:
 
 # ---- back to mmseg: an mmseg checkpoint of a pruned model, and reading it ---------------------
 
-CHECKPOINT, CONFIG = "mmseg_pruned.pth", "mmseg_config.py"
+CHECKPOINT, CONFIG = "mmseg_pruned.pth", "mmseg_config.json"
 
 
 def save_mmseg_checkpoint(model: SegLogits, folder: Path) -> list[Path]:
     """`folder/mmseg_pruned.pth` ({"meta", "state_dict"}, as mmseg's own checkpoints, keys of
-    the segmentor) and `folder/mmseg_config.py` (the config the model was built from). The
-    pruned widths are the checkpoint's shapes: `init_pruned_model` builds the config's
-    segmentor and gives every layer the checkpoint's shape before loading it."""
+    the segmentor) and `folder/mmseg_config.json` (`pruned_config`). The pruned widths are the
+    checkpoint's shapes: `init_pruned_model` builds the config's segmentor and gives every
+    layer the checkpoint's shape before loading it."""
     import mmseg
 
     from cswap.files import save_state_dict_atomic, write_text_atomic
@@ -301,14 +167,63 @@ def save_mmseg_checkpoint(model: SegLogits, folder: Path) -> list[Path]:
     if model.cfg is None:
         raise ConfigError("this SegLogits has no mmseg config to save (build it with build_mmseg_model)")
     segmentor = model.segmentor()
-    meta = {"mmseg_version": mmseg.__version__, "pruned_by": "C-SWAP",
-            "rebuild": "cswap.models.mmseg.init_pruned_model(config, checkpoint)"}
+    meta = {"mmseg_version": mmseg.__version__, "pruned_by": "C-SWAP", "rebuild": REBUILD}
     dataset_meta = model.dataset_meta or _known_dataset_meta(model.num_classes)
     if dataset_meta:
         meta["dataset_meta"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataset_meta.items()}
     state = {k: v.detach().cpu() for k, v in segmentor.state_dict().items()}
     return [save_state_dict_atomic({"meta": meta, "state_dict": state}, folder / CHECKPOINT),
-            write_text_atomic(folder / CONFIG, model.cfg.pretty_text + "\n")]
+            write_text_atomic(folder / CONFIG, json.dumps(pruned_config(model), indent=1) + "\n")]
+
+
+def pruned_config(model: SegLogits) -> dict:
+    """The config written beside a pruned checkpoint, as JSON data (reloading executes
+    nothing): the model's config, its evaluation data following the run (`follow_run`), and
+    `model.type` replaced by a name no registry holds, so stock `mmseg.apis.init_model` fails
+    with a message naming `init_pruned_model` instead of building the unpruned widths and
+    loading the checkpoint around them. `init_pruned_model` restores the type."""
+    data = plain_data(model.cfg.to_dict(), "the mmseg config")
+    if getattr(model, "data_settings", None):
+        follow_run(data, model.data_settings)
+    data[PRUNED_KEY] = {"format": PRUNED_FORMAT, "model_type": data["model"]["type"], "rebuild": REBUILD}
+    data["model"]["type"] = REFUSED_TYPE
+    return data
+
+
+def plain_data(value, where: str):
+    """`value` as JSON data (tuples become lists); anything else (a class, a function in a
+    trusted Python config) is refused, naming where it is."""
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{where} has a key that is not text; it cannot be written as data")
+        return {k: plain_data(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ConfigError(f"{where} holds {value!r}, which cannot be written as data (JSON) beside the pruned model; "
+                      "use registered type names in the config")
+
+
+def follow_run(data: dict, run: dict) -> None:
+    """Point the written config's evaluation at the run's data: `data_root`, the evaluation
+    split and the test pipeline's resize (the task's `scale`; none when it kept the size)."""
+    data["data_root"] = run["data_root"]
+    pipeline = data.get("test_pipeline")
+    if isinstance(pipeline, list):
+        pipeline = [step for step in pipeline if not (isinstance(step, dict) and step.get("type") == "Resize")]
+        if run.get("scale") is not None:
+            at = next((i + 1 for i, step in enumerate(pipeline)
+                       if isinstance(step, dict) and step.get("type") == "LoadImageFromFile"), 0)
+            pipeline.insert(at, {"type": "Resize", "scale": list(run["scale"]), "keep_ratio": True})
+        data["test_pipeline"] = pipeline
+    for key in ("val_dataloader", "test_dataloader"):
+        dataset = data.get(key, {}).get("dataset") if isinstance(data.get(key), dict) else None
+        if isinstance(dataset, dict):
+            dataset.update(data_root=run["data_root"], data_prefix={"img_path": f"leftImg8bit/{run['split']}",
+                                                                    "seg_map_path": f"gtFine/{run['split']}"})
+            if isinstance(pipeline, list):
+                dataset["pipeline"] = pipeline
 
 
 def _known_dataset_meta(num_classes: int) -> dict | None:
@@ -321,23 +236,31 @@ def _known_dataset_meta(num_classes: int) -> dict | None:
 
 def init_pruned_model(config: str | Path, checkpoint: str | Path, device: str = "cpu") -> nn.Module:
     """mmseg's `init_model` for a pruned checkpoint: the config's `EncoderDecoder`, every
-    layer resized to the checkpoint's shapes (`resize_to`), the weights loaded strictly with
-    mmengine's `load_checkpoint`; `cfg` and `dataset_meta` set as `init_model` sets them, so
-    `mmseg.apis.inference_model` works on the result. The config file is Python (trust it)."""
-    from mmengine.model import revert_sync_batchnorm
-    from mmengine.runner import load_checkpoint
-    from mmseg.apis import init_model
-
+    layer resized to the checkpoint's shapes (`resize_to`), the weights loaded strictly
+    (`weights_only`); `cfg` and `dataset_meta` set as `init_model` sets them, so
+    `mmseg.apis.inference_model` works on the result. The config is read as data (the
+    `mmseg_config.json` C-SWAP writes), or as Python only where `cswap.trust` allows."""
     from cswap.files import load_checkpoint as read_state
 
     cfg = load_config(config)
-    with _registered_types_only():
-        segmentor = revert_sync_batchnorm(init_model(cfg, checkpoint=None, device="cpu"))
-    resize_to(segmentor, read_state(checkpoint))
-    loaded = load_checkpoint(segmentor, str(checkpoint), map_location="cpu", strict=True)
-    segmentor.dataset_meta = loaded.get("meta", {}).get("dataset_meta")
+    check_segmentor(cfg, str(config))
+    segmentor = _build_segmentor(cfg, str(config))
+    state = read_state(checkpoint)
+    resize_to(segmentor, state)
+    try:
+        segmentor.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint {checkpoint} does not fit the segmentor of {config}: {one_line(exc)}") from exc
+    segmentor.dataset_meta = _checkpoint_meta(Path(checkpoint)).get("dataset_meta")
     segmentor.cfg = cfg
     return segmentor.to(device).eval()
+
+
+def _checkpoint_meta(path: Path) -> dict:
+    """The `meta` entry of an mmseg checkpoint (read with weights_only), or {}."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    meta = raw.get("meta") if isinstance(raw, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def resize_to(model: nn.Module, state: dict) -> None:
@@ -348,7 +271,8 @@ def resize_to(model: nn.Module, state: dict) -> None:
     changed = {k.rpartition(".")[0] for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)}
     for name in sorted(changed):
         module = model.get_submodule(name)
-        _resize_module(module, {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}, name)
+        own = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
+        _resize_module(module, own, name)
 
 
 def _resize_module(module: nn.Module, entries: dict, name: str) -> None:

@@ -25,6 +25,7 @@ DDRNET = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
 # the real mmseg DDRNet code at a quarter of DDRNet-23-slim's width, so a full run takes seconds
 TINY = {"model.backbone.channels": 4, "model.backbone.ppm_channels": 8,
         "model.decode_head.in_channels": 16, "model.decode_head.channels": 8}
+TRAIN_STEPS = 40  # Adam steps of the fixture's DDRNet: mIoU about 0.6 on the fixture
 
 
 def write_cityscapes(root: Path, split: str, n: int, seed: int) -> None:
@@ -58,7 +59,7 @@ def write_folder(root: Path, train: int = 8, val: int = 4) -> Path:
     return Path(root)
 
 
-def train_tiny_ddrnet(root: Path, steps: int = 40) -> torch.nn.Module:
+def train_tiny_ddrnet(root: Path, steps: int = TRAIN_STEPS) -> torch.nn.Module:
     """The quarter-width DDRNet after `steps` Adam steps on the train split (seeded)."""
     from cswap import registry
     from cswap.models.mmseg import build_mmseg_model
@@ -92,14 +93,16 @@ def fixture_config(weights: str = "ddrnet_tiny.pth", root: str = "cityscapes") -
     }
 
 
-def make_fixture(out: Path, train_steps: int = 40) -> Path:
+def make_fixture(out: Path, train_steps: int | None = None) -> Path:
     """`out/cityscapes/`, `out/ddrnet_tiny.pth` (an mmseg-style checkpoint: meta and
-    state_dict) and `out/config.yaml`; returns the config's path."""
+    state_dict) and `out/config.yaml`; returns the config's path. Registered as the
+    `cityscapes` fixture (`cswap fixture cityscapes DIR`, which refuses a folder that is not
+    empty); `train_steps` None: `TRAIN_STEPS`."""
     import mmseg
 
     out = Path(out)
     write_folder(out / "cityscapes")
-    model = train_tiny_ddrnet(out / "cityscapes", train_steps)
+    model = train_tiny_ddrnet(out / "cityscapes", TRAIN_STEPS if train_steps is None else train_steps)
     torch.save({"meta": {"mmseg_version": mmseg.__version__}, "state_dict": model.state_dict()},
                out / "ddrnet_tiny.pth")
     path = out / "config.yaml"
@@ -107,3 +110,6 @@ def make_fixture(out: Path, train_steps: int = 40) -> Path:
                     "# quarter-width DDRNet-23-slim trained on them); relative paths are read against this folder.\n"
                     + yaml.safe_dump(fixture_config(), sort_keys=False))
     return path
+
+
+make_fixture.requires = ("mmseg",)  # read by `cswap list` and `cswap fixture` (the segmentation extra)

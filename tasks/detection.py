@@ -1,6 +1,8 @@
 """Object detection: the sample set S, mAP, and the `detection_match` scorer by default.
 
-Data: one local `.npz` file (no downloads) holding, per split,
+Data (`format`): COCO-format annotations and images (`tasks/coco.py`: a folder with
+`annotations/instances_<split>.json` and `<split>/` images, read as RGB), or one local `.npz`
+file (no downloads) holding, per split,
 - `<split>_images`: (N, H, W) or (N, H, W, C) uint8, all images of a split the same size;
 - `<split>_boxes`:  (N, B, 4) float, x1, y1, x2, y2 in pixels, rows beyond an image's
   objects are padding;
@@ -29,10 +31,11 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from cswap.errors import DataError
@@ -50,20 +53,40 @@ class DetectionTask(SampleSetTask):
     metric = "mAP50"
 
     class Options(SampleSetOptions):
-        root: Path = Field(description="the .npz file (see the module docstring for its arrays)")
+        root: Path = Field(description="format npz: the .npz file (see the module docstring for its arrays); "
+                           "format coco: the folder holding annotations/ and one image folder per split")
+        format: Literal["npz", "coco"] = Field("npz", description="how the data is stored (module docstring)")
+        image_size: tuple[int, int] | None = Field(
+            None, description="format coco: resize every image to (H, W), boxes alike (needed when sizes differ)")
+        labels: Literal["contiguous", "category_id"] = Field(
+            "contiguous", description="format coco: labels 0..K-1 in category-id order, or the category ids "
+            "(torchvision's COCO-trained detectors)")
         samples_per_class: int = Field(8, ge=2, description="M_k: images of S in which each class appears")
         max_candidates: int | None = Field(None, ge=1, description="draw S from a seeded subset of this many images")
         batch_size: int = Field(16, ge=1)
         to_rgb: bool = Field(False, description="repeat grayscale images to 3 channels (ImageNet backbones)")
 
+        @model_validator(mode="after")
+        def _coco_options(self):
+            if self.format == "npz" and (self.image_size is not None or self.labels != "contiguous"):
+                raise ValueError("image_size and labels are options of format coco")
+            if self.image_size is not None and min(self.image_size) < 1:
+                raise ValueError(f"image_size must be two positive sizes (H, W), got {self.image_size}")
+            return self
+
     def __init__(self, options: "DetectionTask.Options"):
         super().__init__(options)
-        if not Path(options.root).is_file():
+        if options.format == "npz" and not Path(options.root).is_file():
             raise DataError(f"detection data file {options.root} does not exist (task option root)")
+        if options.format == "coco" and not Path(options.root).is_dir():
+            raise DataError(f"COCO folder {options.root} does not exist (task option root)")
         self._data = None
+        self._coco: dict = {}  # split -> CocoSplit
 
     # ---- data ----------------------------------------------------------------------------
     def _arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.options.format == "coco":
+            return self._coco_arrays(split)
         if self._data is None:
             self._data = np.load(self.options.root, allow_pickle=False)
         keys = [f"{split}_{k}" for k in ("images", "boxes", "labels")]
@@ -71,21 +94,40 @@ class DetectionTask(SampleSetTask):
         if missing:
             raise DataError(f"{self.options.root} lacks {missing}; it has {sorted(self._data.files)}")
         images, boxes, labels = (self._data[k] for k in keys)
-        if not (len(images) == len(boxes) == len(labels)) or boxes.shape[:2] != labels.shape or boxes.shape[-1:] != (4,):
+        consistent = len(images) == len(boxes) == len(labels) and boxes.shape[:2] == labels.shape
+        if not consistent or boxes.shape[-1:] != (4,):
             raise DataError(f"split {split!r}: images {images.shape}, boxes {boxes.shape} and labels {labels.shape} "
                             "do not fit (expected N images, (N, B, 4) boxes, (N, B) labels)")
         return images, boxes.astype(np.float32), labels.astype(np.int64)
 
+    def _coco_arrays(self, split: str):
+        """A COCO-format split (`tasks/coco.py`), read once; every split must list the same categories."""
+        if split not in self._coco:
+            from .coco import read_coco_split
+
+            o = self.options
+            self._coco[split] = read_coco_split(o.root, split, image_size=o.image_size, labels=o.labels)
+            other = next((s for name, s in self._coco.items() if name != split), None)
+            if other is not None and other.classes != self._coco[split].classes:
+                raise DataError(f"the COCO splits of {o.root} list different categories: {split!r} has "
+                                f"{self._coco[split].classes}, another split {other.classes}")
+        data = self._coco[split]
+        return data.images, data.boxes, data.labels
+
     @property
     def class_names(self) -> list[str] | None:
         self._arrays(self.options.manifold_split)
+        if self.options.format == "coco":
+            return list(self._coco[self.options.manifold_split].classes)
         return [str(c) for c in self._data["classes"]] if "classes" in self._data.files else None
 
     def class_count(self) -> int:
-        """Classes of the data (0..n-1). Not `Task.num_classes`: a detector's output width is not
-        its class count, so the core's coverage check does not apply (S warns of absent classes)."""
-        labels = np.concatenate([self._arrays(s)[2].ravel() for s in (self.options.manifold_split, self.options.eval_split)])
-        return int(labels.max()) + 1
+        """Classes of the data (0..n-1: the named ones, and any label beyond). Not
+        `Task.num_classes`: a detector's output width is not its class count, so the core's
+        coverage check does not apply (S warns of absent classes)."""
+        splits = (self.options.manifold_split, self.options.eval_split)
+        labels = np.concatenate([self._arrays(s)[2].ravel() for s in splits])
+        return max(int(labels.max()) + 1, len(self.class_names or []))
 
     def images(self, split: str, idx) -> torch.Tensor:
         """Images `idx` of `split` as floats in [0, 1], (n, C, H, W)."""
@@ -121,7 +163,8 @@ class DetectionTask(SampleSetTask):
             for k in classes:
                 frequency[k] = frequency.get(k, 0) + 1
         names = self.class_names
-        absent = [k for k in range(self.class_count()) if k not in frequency]
+        unnamed = {k for k, name in enumerate(names or []) if not name}  # gaps between COCO category ids
+        absent = [k for k in range(self.class_count()) if k not in frequency and k not in unnamed]
         if absent:
             msg = f"classes {absent} appear in no image of split {o.manifold_split!r}; they get no observations"
             warnings.warn(msg)
@@ -153,7 +196,8 @@ class DetectionTask(SampleSetTask):
     def detections(self, model: nn.Module, device="cpu") -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
         """The model's post-processed detections on the evaluation split, and the ground truth."""
         if not hasattr(model, "postprocess"):
-            raise TypeError(f"the detection task needs a DenseDetector (models/detection.py), got {type(model).__name__}")
+            raise TypeError(f"the detection task needs a DenseDetector (models/detection.py), "
+                            f"got {type(model).__name__}")
         split = self.options.eval_split
         idx = self.eval_indices(len(self._arrays(split)[0]))
         _, boxes, labels = self._arrays(split)

@@ -10,6 +10,8 @@ boxes tight around each pasted object's visible pixels. Two sources:
 File layout written by `write_npz` (and read by `tasks.detection.DetectionTask`):
 `<split>_images` (N, H, W) uint8, `<split>_boxes` (N, B, 4) float32 x1, y1, x2, y2 in
 pixels (x2, y2 exclusive), `<split>_labels` (N, B) int64 with -1 padding, `classes` (names).
+`write_coco` writes the same scenes in COCO's format (RGB PNG files and an annotation JSON
+per split, `tasks/coco.py`), the layout of real detection data sets.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def write_npz(path: str | Path, splits: dict[str, int], names: list[str] | None = None, seed: int = 0, **kwargs) -> Path:
+def write_npz(path: str | Path, splits: dict[str, int], names: list[str] | None = None, seed: int = 0,
+              **kwargs) -> Path:
     """Write scenes for each split (`{"train": 200, "test": 100}`), seeds differing per split."""
     arrays = {}
     for j, (split, n) in enumerate(splits.items()):
@@ -103,7 +106,43 @@ def write_npz(path: str | Path, splits: dict[str, int], names: list[str] | None 
         arrays.update({f"{split}_images": images, f"{split}_boxes": boxes, f"{split}_labels": labels})
     classes = kwargs.get("classes", (0, 1, 2))
     if names is None:
-        names = [SHAPES[c % len(SHAPES)] for c in classes] if kwargs.get("source", "shapes") == "shapes" else [str(c) for c in classes]
+        shapes = kwargs.get("source", "shapes") == "shapes"
+        names = [SHAPES[c % len(SHAPES)] if shapes else str(c) for c in classes]
     path = Path(path)
     np.savez_compressed(path, classes=np.asarray(names), **arrays)
     return path
+
+
+def write_coco(root: str | Path, splits: dict[str, int], names: list[str] | None = None, seed: int = 0,
+               **kwargs) -> Path:
+    """Scenes for each split (`{"train": 128, "val": 48}`, seeds as `write_npz`) in COCO's
+    layout under `root`: `<split>/<id>.png` (grey scenes saved as RGB) and
+    `annotations/instances_<split>.json`; category ids start at 1, as COCO's."""
+    import json
+
+    from PIL import Image
+
+    root = Path(root)
+    classes = kwargs.get("classes", (0, 1, 2))
+    shapes = kwargs.get("source", "shapes") == "shapes"
+    names = names or [SHAPES[c % len(SHAPES)] if shapes else str(c) for c in classes]
+    categories = [{"id": k + 1, "name": name, "supercategory": "object"} for k, name in enumerate(names)]
+    for j, (split, n) in enumerate(splits.items()):
+        images, boxes, labels = make_scenes(n, seed=seed + 1000 * j, **kwargs)
+        (root / split).mkdir(parents=True, exist_ok=True)
+        entries, annotations = [], []
+        for i, image in enumerate(images):
+            name = f"{i:06d}.png"
+            Image.fromarray(np.repeat(image[..., None], 3, axis=2)).save(root / split / name)
+            entries.append({"id": i + 1, "file_name": name, "height": int(image.shape[0]),
+                            "width": int(image.shape[1])})
+            for box, label in zip(boxes[i], labels[i]):
+                if label >= 0:
+                    x1, y1, x2, y2 = (float(v) for v in box)
+                    annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": int(label) + 1,
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                        "iscrowd": 0})
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(
+            json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+    return root

@@ -40,11 +40,12 @@ from cswap.interfaces import Manifold
 
 from ..models import mmcv_bridge
 from ..models.mmseg import load_config
-from .sample_set import SampleSetOptions, SampleSetTask
+from .sample_set import SampleSetOptions, SampleSetTask, short_of
 
 log = logging.getLogger("cswap")
 
 DDRNET23S_CITYSCAPES = "ddrnet_23-slim_in1k-pre_2xb6-120k_cityscapes-1024x1024.py"
+IGNORE_INDEX = 255  # Cityscapes' unlabelled pixels, as mmseg's LoadAnnotations and IoUMetric read them
 
 
 class CityscapesSegmentationTask(SampleSetTask):
@@ -77,11 +78,16 @@ class CityscapesSegmentationTask(SampleSetTask):
 
     def bind_model(self, model: nn.Module) -> None:
         """Normalise as the mmseg model expects: its config's data_preprocessor, unless the
-        task names a config of its own (then a different normalisation is a warning)."""
+        task names a config of its own (then a different normalisation is a warning). The
+        model also learns the run's data (`data_settings`: root, evaluation split, scale), so
+        the mmseg config written beside it evaluates what this run evaluated."""
         from ..models.mmseg import SegLogits, input_normalisation
 
         if not isinstance(model, SegLogits) or model.cfg is None:
             return
+        o = self.options
+        model.data_settings = {"data_root": str(Path(o.root).resolve()), "split": o.eval_split,
+                               "scale": list(o.scale) if o.scale is not None else None}
         self._model_cfg, self._norm = model.cfg, None
         if self.options.config is not None:
             theirs, ours = input_normalisation(model.cfg), self._normaliser()
@@ -132,23 +138,29 @@ class CityscapesSegmentationTask(SampleSetTask):
         return self._norm
 
     def load(self, split: str, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images (N, 3, H, W) float32 and label maps (N, H, W) int64."""
+        """Normalised images (N, 3, H, W) float32 and label maps (N, H, W) int64, checked
+        (`_check_items`, `_check_values`): a bad file is named before it reaches a score."""
         ds = self.dataset(split)
-        items = [ds[int(i)] for i in indices]
-        shapes = {tuple(it["inputs"].shape) for it in items}
-        if len(shapes) > 1:
-            raise DataError(f"images of split {split!r} differ in size {sorted(shapes)}; set task option scale")
+        indices = [int(i) for i in indices]
+        items = [ds[i] for i in indices]
+        _check_items(ds, indices, items, split)
         images = torch.stack([it["inputs"] for it in items]).float()
         mean, std, bgr_to_rgb = self._normaliser()
         if bgr_to_rgb and images.shape[1] == 3:
             images = images[:, [2, 1, 0]]
         images = ((images - mean) / std).contiguous()
         labels = torch.stack([it["data_samples"].gt_sem_seg.data[0] for it in items]).long()
+        _check_values(ds, indices, images, labels, split)
         return images, labels
 
     @property
     def num_classes(self) -> int:
-        return len(self.dataset(self.options.eval_split).metainfo["classes"])
+        """Cityscapes' 19 train ids: the dataset class's own metainfo, so it is known without
+        the data (a dry run on another machine)."""
+        mmcv_bridge.install()
+        from mmseg.datasets import CityscapesDataset
+
+        return len(CityscapesDataset.METAINFO["classes"])
 
     # ---- Task interface ----------------------------------------------------------------
     def manifold(self, seed: int, samples_per_class: int | None = None) -> Manifold:
@@ -188,7 +200,7 @@ class CityscapesSegmentationTask(SampleSetTask):
         counts = {int(k): int(n) for k, n in enumerate(present[taken].sum(0)) if n > 0}
         log.info("S: %d images; images per class %s", len(picked), counts)
         batches = [self.load(o.manifold_split, picked[i:i + o.batch_size]) for i in range(0, len(picked), o.batch_size)]
-        return Manifold(batches, counts)
+        return Manifold(batches, counts, picked)
 
     def _presence(self, ds, index: int, num_classes: int) -> np.ndarray:
         label = ds[index]["data_samples"].gt_sem_seg.data[0].numpy().ravel()
@@ -202,7 +214,7 @@ class CityscapesSegmentationTask(SampleSetTask):
 
         ds = self.dataset(self.options.eval_split)
         idx = self.eval_indices(len(ds))
-        metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=255, prefix="val")  # a prefix: no warning
+        metric = IoUMetric(iou_metrics=["mIoU"], ignore_index=IGNORE_INDEX, prefix="val")  # a prefix: no warning
         metric.dataset_meta = ds.metainfo
         was_training = model.training
         model.eval()
@@ -220,13 +232,113 @@ class CityscapesSegmentationTask(SampleSetTask):
         """The first evaluation image; without data (e.g. `--dry-run` before the dataset is in
         place) a zero image of size `scale`, which is a Cityscapes frame's size at that scale."""
         try:
-            return self.load(self.options.eval_split, [0])[0]
-        except DataError:
+            self.dataset(self.options.eval_split)
+        except DataError:  # no data here (a bad file in data that is there is an error: `load` names it)
             if self.options.scale is None:
                 raise
             width, height = self.options.scale
             log.warning("no data under %s: example input is a zero image of %dx%d", self.options.root, width, height)
             return torch.zeros(1, 3, height, width)
+        return self.load(self.options.eval_split, [0])[0]
+
+    # ---- quality targets (cswap/quality.py) ---------------------------------------------
+    measures_outcomes = True
+    per_class_metric = True
+
+    def validation(self, seed: int, avoid, per_class: int) -> Manifold:
+        """Images in which every class of the split appears at least `per_class` times, from
+        `validation_split`, else from S's split without the images of `avoid`, never one the
+        evaluation reads: the free images in a seeded order (a stream of its own), each kept
+        while it shows a class seen in fewer than `per_class` kept images. A class seen in
+        some but too few free images is refused; one in none is left out (as S leaves it)."""
+        name, o = self.validation_source(), self.options
+        ds = self.dataset(name)
+        classes = list(ds.metainfo["classes"])
+        free = np.flatnonzero(~self.excluded_from_validation(len(ds), avoid))
+        seen, picked = np.zeros(len(classes), dtype=np.int64), []
+        for i in np.random.default_rng([seed, 1]).permutation(free):
+            if (seen >= per_class).all():
+                break
+            present = self._presence(ds, int(i), len(classes))
+            if (present & (seen < per_class)).any():
+                picked.append(int(i))
+                seen += present
+        short = [k for k in range(len(classes)) if 0 < seen[k] < per_class]
+        if short:
+            k = short[0]
+            raise short_of(name, f"class {k} ({classes[k]})", seen[k], per_class, "images showing it")
+        picked = np.sort(np.asarray(picked, dtype=np.int64))
+        log.info("validation: %d images of split %r; images per class %s", len(picked), name, seen.tolist())
+        batches = [self.load(name, picked[i:i + o.batch_size]) for i in range(0, len(picked), o.batch_size)]
+        return Manifold(batches, {int(k): int(n) for k, n in enumerate(seen) if n}, picked)
+
+    @torch.no_grad()
+    def outcomes(self, model: nn.Module, device: torch.device | str = "cpu", samples: Manifold | None = None):
+        """Per image and class, the pixels of the intersection and of the union of prediction and
+        label (the ignore index left out): class c's IoU is sum of intersections / sum of unions
+        over the images, mIoU their mean over the classes with a union (mmseg's IoUMetric); on
+        `samples`, or on what `evaluate` reads."""
+        from cswap.interfaces import Outcomes
+
+        o = self.options
+        if samples is None:
+            idx = self.eval_indices(len(self.dataset(o.eval_split)))
+            batches = (self.load(o.eval_split, idx[i:i + o.batch_size]) for i in range(0, len(idx), o.batch_size))
+        else:
+            batches = iter(samples)
+        classes = list(self.dataset(o.eval_split if samples is None else self.validation_source()).metainfo["classes"])
+        was_training = model.training
+        model.eval()
+        inter, union = [], []
+        for images, labels in batches:
+            pred = model(images.to(device)).argmax(1).cpu()
+            i, u = _intersection_union(pred, labels.cpu(), len(classes))
+            inter.append(i)
+            union.append(u)
+        model.train(was_training)
+        return Outcomes(np.concatenate(inter), None, np.concatenate(union), classes)
+
+
+def _intersection_union(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) pixels of intersection and of union per image and class, ignore pixels left out."""
+    n = len(labels)
+    valid = labels != IGNORE_INDEX
+    image = torch.arange(n).view(n, 1, 1).expand_as(labels)
+    code = (image * num_classes + labels.clamp(max=num_classes - 1)) * num_classes + pred
+    counts = torch.bincount(code[valid], minlength=n * num_classes * num_classes)
+    confusion = counts.view(n, num_classes, num_classes).double().numpy()  # [image, label, prediction]
+    inter = np.diagonal(confusion, axis1=1, axis2=2)
+    return inter.copy(), confusion.sum(2) + confusion.sum(1) - inter
+
+
+def _check_items(ds, indices: list[int], items: list, split: str) -> None:
+    """Every image has a label map of its own size (one channel), and all images one size."""
+    for i, item in zip(indices, items):
+        image, label = item["inputs"], item["data_samples"].gt_sem_seg.data
+        if label.dim() != 3 or label.shape[0] != 1 or tuple(label.shape[1:]) != tuple(image.shape[-2:]):
+            raise DataError(f"label map {ds.get_data_info(i)['seg_map_path']} (split {split!r}) has shape "
+                            f"{tuple(label.shape)}, not one channel of its image's size {tuple(image.shape[-2:])}")
+    shapes = {tuple(it["inputs"].shape) for it in items}
+    if len(shapes) > 1:
+        raise DataError(f"images of split {split!r} differ in size {sorted(shapes)}; set task option scale")
+
+
+def _check_values(ds, indices: list[int], images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
+    """Finite normalised images (a zero std in the data_preprocessor gives infinities) and
+    labels that are classes of the dataset or its ignore index 255; the first offender named."""
+    finite = torch.isfinite(images.reshape(len(images), -1)).all(1)
+    if not bool(finite.all()):
+        first = indices[int(torch.nonzero(~finite)[0, 0])]
+        raise DataError(f"image {ds.get_data_info(first)['img_path']} (split {split!r}) is not finite after "
+                        "normalisation: check the mmseg config's data_preprocessor mean and std (a zero std?)")
+    classes = len(ds.metainfo["classes"])
+    valid = (labels < classes) | (labels == IGNORE_INDEX)
+    if not bool(valid.all()):
+        n = int(torch.nonzero(~valid.reshape(len(labels), -1).all(1))[0, 0])
+        value = int(labels[n][~valid[n]][0])
+        raise DataError(f"label map {ds.get_data_info(indices[n])['seg_map_path']} (split {split!r}) holds label "
+                        f"{value}, which is neither one of the {classes} classes (0 to {classes - 1}) nor the ignore "
+                        f"index {IGNORE_INDEX}; are these labelTrainIds maps?")
 
 
 def _check_label_maps(ds, root: Path, split: str) -> None:

@@ -156,12 +156,12 @@ def one_thread():
 def cswap_plan(model, task, seed: int = 0, *, test=None, scorer=None, manifold=None, adapter="auto", **options):
     """C-SWAP's plan of `model` on `task` through the core's own parts (what `cswap.analyze`
     does, with a test object of the caller's), units as the adapter gives them (unverified),
-    `options` keyword arguments of `PruningOptions`."""
+    `options` keyword arguments of `AnalysisOptions`."""
     from cswap.build import analysis_for
-    from cswap.options import PruningOptions
+    from cswap.options import AnalysisOptions
     from cswap.plan import PruningPlan
     from cswap.pruner import progressive_prune
 
     a = analysis_for(model, task, scorer=scorer, test=test, adapter=adapter, progress=False,
-                     options=PruningOptions(verify_units=False, **options))
-    return PruningPlan.from_ranking(model, a.units, progressive_prune(a, seed, manifold=manifold), adapter=a.adapter_name)
+                     options=AnalysisOptions(verify_units=False, **options))
+    return PruningPlan.from_analysis(a, progressive_prune(a, seed, manifold=manifold))

@@ -12,6 +12,8 @@ from cswap.build import resolve_adapter
 from cswap.interfaces import RANKED, PlanStep, Unit
 from cswap.intervention import Intervention
 from cswap.plan import PruningPlan
+from cswap.options import Target
+from cswap.replay import removed_model
 from cswap.removal import count_params
 from cswap.verify import verify_units
 
@@ -88,7 +90,7 @@ def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", 
     units = pick_units(graph, per_layer, max_layers)
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in units], method="test", adapter=name)
     original = model(x)
-    pruned = plan.apply_prefix(model, len(plan.steps), adapter=adapter)
+    pruned = removed_model(plan, model, len(plan.steps), Target(), adapter)
     removed = pruned(x)
     predicted = plan.params_total - plan.cumulative_params_removed()[-1]
     assert count_params(pruned) == predicted, (count_params(pruned), predicted)
@@ -96,7 +98,7 @@ def check_cut_equals_removal(model: nn.Module, x: torch.Tensor, adapter="auto", 
     removed64 = pruned.double()(x.double())
     del pruned  # large zoo models: keep at most two copies alive
     cut = Intervention(model, graph)
-    for u in plan.units():
+    for u in units:
         cut.cut(u)
     intervened = model(x)
     scale = original.abs().max().item()

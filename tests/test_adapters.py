@@ -17,8 +17,10 @@ from cswap.errors import ConfigError, ModelError
 from cswap.interfaces import RANKED, PlanStep, Unit
 from cswap.intervention import Intervention
 from cswap.models.cifar_resnet import cifar_resnet8
+from cswap.options import Target
 from cswap.plan import PruningPlan
 from cswap.removal import count_params
+from cswap.replay import removed_model
 
 from removal_check import check_cut_equals_removal, prepare, stages_forward
 from roundoff import output_tolerance
@@ -38,8 +40,17 @@ def timm_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> tuple[nn.Module, t
     return model, torch.randn(2, 3, 32, 32)
 
 
+def timm_cnn(name: str, size: int = 32) -> tuple[nn.Module, torch.Tensor]:
+    """A timm CNN at random initialisation with BatchNorm statistics made non-trivial."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    prepare(model, torch.randn(4, 3, size, size))
+    return model, torch.randn(2, 3, size, size)
+
+
 PAPER_MODELS = [
     ("resnet18", "resnet", lambda: torchvision_model("resnet18")),
+    ("timm_resnet18", "resnet", lambda: timm_cnn("resnet18")),
     ("resnet50", "resnet", lambda: torchvision_model("resnet50")),
     ("mobilenet_v2", "mobilenetv2", lambda: torchvision_model("mobilenet_v2")),
     ("vit_tiny_patch16_224", "vit", lambda: timm_vit("vit_tiny_patch16_224")),
@@ -72,11 +83,11 @@ def test_vit_pruned_by_heads_and_neurons_runs_and_matches_the_ledger():
     model, x = timm_vit()
     adapter, graph, plan = vit_plan(model, x)
     assert {layer.channels for layer in graph.layers} == {3, 768}  # 3 heads, 768 neurons per block
-    heads = sum(1 for u in plan.units() if u.layer.endswith("attn"))
+    heads = sum(1 for s in plan.steps if s.unit.layer.endswith("attn"))
     neurons = len(plan.steps) - heads
     assert heads == 2 * 12 and neurons == 100 * 12
     saved = PruningPlan.from_json(plan.to_json())  # replay as a later process would
-    pruned = saved.apply_prefix(model, len(saved.steps), adapter=adapter)
+    pruned = removed_model(saved, model, len(saved.steps), Target(), adapter)
     assert count_params(pruned) == plan.params_total - plan.cumulative_params_removed()[-1]
     for block in pruned.blocks:
         attn = block.attn
@@ -91,8 +102,8 @@ def test_vit_pruned_by_heads_and_neurons_runs_and_matches_the_ledger():
     torch.testing.assert_close(pruned(x), out, atol=tolerance, rtol=0)
     cut_model = copy.deepcopy(model)
     cut = Intervention(cut_model, graph)
-    for u in plan.units():
-        cut.cut(u)
+    for step in plan.steps:
+        cut.cut(step.unit)
     torch.testing.assert_close(out, cut_model(x), atol=max(tolerance, output_tolerance(cut_model, x)), rtol=0)
     assert (cut_model(x) - model(x)).abs().max() > 1e-2
 
@@ -146,7 +157,7 @@ def test_vit_analysis_end_to_end():
     """C-SWAP on a two-block ViT: the plan replays, the run's self-check holds, and the
     staged engine (the adapter's stage chain) gives the same plan as full forward passes."""
     from cswap.api import analyze
-    from cswap.replay import replay
+    from cswap.replay import ReplayData, adapter_of, replay_steps, steps_for
     from cswap.run import self_check
 
     torch.manual_seed(0)
@@ -155,10 +166,13 @@ def test_vit_analysis_end_to_end():
     x, y = torch.randn(24, 1, 8, 8), torch.arange(3).repeat(8)
     plan = analyze(model, (x, y), samples_per_class=8, progress=False)
     assert plan.adapter == "vit" and len(plan.layers) == 4
-    pruned = plan.apply(model, params_ratio=0.2)
+    target = Target(params_ratio=0.2, recovery="none")
+    pruned = plan.apply(model, target)
     assert count_params(pruned) <= 0.8 * count_params(model) + max(s.params_freed for s in plan.steps)
     graph = VitAdapter().units(model, x[:1])
-    cut = replay(plan, model, plan.prefix_for(0.2), adapter=VitAdapter(), graph=graph).cut  # heads cut, not removed
+    k, _ = steps_for(plan, model, target, adapter_of(plan))
+    cut = replay_steps(plan, model, k, target, ReplayData(), adapter=VitAdapter(), graph=graph,
+                       keep_cut=True).cut  # heads cut, not removed
     assert self_check(cut, pruned, x) < 1e-5
     full = analyze(model, (x, y), samples_per_class=8, progress=False, engine="full")
     assert [s.to_json() for s in full.steps] == [s.to_json() for s in plan.steps]  # stages change nothing
@@ -172,6 +186,8 @@ def _tv(name, size=32, **kw):
 STAGED = [
     ("resnet18", _tv("resnet18")),
     ("cifar_resnet8", lambda: (cifar_resnet8(width=8).eval(), torch.randn(2, 3, 16, 16))),
+    ("timm_resnet18", lambda: timm_cnn("resnet18")),
+    ("timm_resnet26d", lambda: timm_cnn("resnet26d", 64)),  # deep stem (a Sequential conv1)
     ("mobilenet_v2", _tv("mobilenet_v2")),
     ("vit_tiny", lambda: timm_vit()),
     ("deit_tiny_distilled", lambda: timm_vit("deit_tiny_distilled_patch16_224")),
@@ -195,7 +211,7 @@ def test_stages_in_order_equal_forward(name, make):
 def test_stages_follow_the_pruned_model():
     model, x = timm_vit()
     adapter, _, plan = vit_plan(model, x)
-    pruned = plan.apply_prefix(model, len(plan.steps), adapter=adapter)
+    pruned = removed_model(plan, model, len(plan.steps), Target(), adapter)
     torch.testing.assert_close(stages_forward(adapter.stages(pruned), x), pruned(x), atol=0, rtol=0)
 
 

@@ -6,13 +6,16 @@ import pytest
 import torch
 
 import cswap
-from cswap.alignment import aligned_count, aligned_units, smallest_prefix
+from cswap.alignment import aligned_count, aligned_units, prefix_units
+from cswap.bisection import smallest_prefix
 from cswap.build import analysis_for, resolve_adapter
+from cswap.errors import ConfigError
 from cswap.interfaces import PROGRESSIVE, PlanStep, Unit
 from cswap.metrics import count_macs
 from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.plan import PruningPlan
 from cswap.removal import count_params
+from cswap.replay import ReplayData, adapter_of, replay_steps, steps_for
 from cswap.tasks.classification import ClassificationTask
 
 from conftest import patterns, train
@@ -43,9 +46,13 @@ def test_aligned_units_come_in_plan_order_and_grow_with_the_prefix():
 
 
 def test_smallest_prefix_bisects_a_monotone_predicate():
-    assert smallest_prefix(100, lambda m: m >= 37) == 37
-    assert smallest_prefix(100, lambda m: True) == 0
-    assert smallest_prefix(100, lambda m: False) is None
+    assert smallest_prefix(lambda m: m >= 37, 0, 100) == 37
+    assert smallest_prefix(lambda m: True, 0, 100) == 0
+    assert smallest_prefix(lambda m: False, 0, 100) is None
+    assert smallest_prefix(lambda m: m >= 37, 40, 100) == 40
+    calls = []
+    found = smallest_prefix(lambda m: calls.append(m) or m >= 37, 0, 100, max_checks=2)
+    assert len(calls) == 3 and found >= 37  # the budget stops the search at a prefix known to reach
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +79,8 @@ def _pruned_widths(plan: PruningPlan, model, pruned) -> dict[str, tuple[int, int
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.6])
 def test_round_to_8_keeps_every_pruned_width_a_multiple_of_8(resnet_plan, ratio):
     model, x, plan = resnet_plan
-    aligned = plan.aligned(8)
-    pruned = aligned.apply(model, params_ratio=ratio)
+    aligned = cswap.Target(params_ratio=ratio, round_to=8, recovery="none")
+    pruned = plan.apply(model, aligned)
     widths = _pruned_widths(plan, model, pruned)
     changed = {n: w for n, (c, w) in widths.items() if w != c}
     assert changed, "nothing was pruned: the test would prove nothing"
@@ -81,41 +88,40 @@ def test_round_to_8_keeps_every_pruned_width_a_multiple_of_8(resnet_plan, ratio)
     removed = 1 - count_params(pruned) / plan.params_total
     assert removed >= ratio - 1e-9
     # the fewest steps: one step less and the aligned replay falls short of the target
-    k = aligned.prefix(model, ratio)
-    assert k > 0 and 1 - count_params(aligned.apply_prefix(model, k - 1)) / plan.params_total < ratio
+    k, _ = steps_for(plan, model, aligned, adapter_of(plan))
+    shorter = replay_steps(plan, model, k - 1, aligned, ReplayData(), adapter=adapter_of(plan)).model
+    assert k > 0 and 1 - count_params(shorter) / plan.params_total < ratio
     # plain replay of the same plan does leave unaligned widths (so alignment did something)
-    plain = _pruned_widths(plan, model, plan.apply(model, params_ratio=ratio))
+    plain = _pruned_widths(plan, model, plan.apply(model, params_ratio=ratio, recovery="none"))
     assert any(w % 8 for c, w in plain.values() if w != c)
     with torch.no_grad():
         assert pruned(x[:4]).shape == model(x[:4]).shape
 
 
-def test_round_to_is_a_replay_option_the_plan_file_does_not_change(resnet_plan, tmp_path):
+def test_round_to_is_a_replay_setting_the_plan_does_not_hold(resnet_plan):
     model, _, plan = resnet_plan
-    assert plan.aligned(8).to_json() == plan.to_json()
-    plan.aligned(8).save(tmp_path / "a.json")
-    plan.save(tmp_path / "b.json")
-    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert plan.aligned(None).units(10) == plan.units(10)
-    with pytest.raises(ValueError, match="counts parameters on the model"):
-        plan.aligned(8).prefix_for(0.3)
+    assert "round_to" not in plan.to_json() and not hasattr(plan, "round_to")
+    assert prefix_units(plan.steps, plan.layers, 10, None) == [s.unit for s in plan.steps[:10]]
+    assert prefix_units(plan.steps, plan.layers, 10, 8) == aligned_units(plan.steps, plan.layers, 10, 8)
 
 
 def test_round_to_with_a_flops_target(resnet_plan):
     model, x, plan = resnet_plan
-    pruned = plan.aligned(8).apply(model, flops_ratio=0.3)
+    pruned = plan.apply(model, flops_ratio=0.3, round_to=8, recovery="none")
     widths = _pruned_widths(plan, model, pruned)
     assert all(w % 8 == 0 for c, w in widths.values() if w != c)
     assert 1 - count_macs(pruned, x[:1]) / count_macs(model, x[:1]) >= 0.3
 
 
 def test_round_to_option_is_validated():
-    assert cswap.PruningOptions(round_to=8).round_to == 8
+    assert cswap.Target(round_to=8).round_to == 8 and cswap.PruningOptions(round_to=8).target.round_to == 8
     with pytest.raises(ValueError):
-        cswap.PruningOptions(round_to=0)
+        cswap.Target(round_to=0)
     assert np.isclose(cswap.PruningOptions(latency_ratio=1.5).latency_ratio, 1.5)
-    with pytest.raises(ValueError, match="one replay target"):
+    with pytest.raises(ValueError, match="one target"):
         cswap.PruningOptions(latency_ratio=1.5, params_ratio=0.3)
+    with pytest.raises(ConfigError, match="one target"):
+        cswap.replay.target_of(latency_ratio=1.5, params_ratio=0.3)
 
 
 def test_cswap_prune_with_round_to_saves_and_reloads_aligned_widths(config, tmp_path):
@@ -133,7 +139,8 @@ def test_cswap_prune_with_round_to_saves_and_reloads_aligned_widths(config, tmp_
                  "--set", "model.kwargs={width: 8, in_channels: 1, num_classes: 3}", "--set", "model.weights=null",
                  "--set", "pruning.params_ratio=0.4"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["round_to"] == 4 and report["params_removed_ratio"] >= 0.4
+    assert report["target"]["round_to"] == 4 and report["params_removed_ratio"] >= 0.4
+    assert json.loads((out / "pruned.json").read_text())["target"]["round_to"] == 4
     model = cswap.load_pruned(out)
     widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     original = [m.out_channels for m in cifar_resnet8(width=8, in_channels=1, num_classes=3).modules()

@@ -125,7 +125,8 @@ def test_engine_equals_brute_force(request, fixture, layers, shuffle):
     model, x, y = request.getfixturevalue(fixture)
     per_class = int((y == 0).sum())
     plan = cswap.analyze(model, (x, y), samples_per_class=per_class, alpha=ALPHA, seed=3,
-                         test_options={"effect": "relative"},  # Definition 1 as the paper writes it
+                         # Definition 1 as the paper writes it, and its rule: neutral = not significant
+                         test_options={"effect": "relative", "neutral": "not_significant"},
                          shuffle_units=shuffle, critical_order="effect",  # the paper's tail order
                          progress=False)
     assert list(plan.layers) == layers  # output to input

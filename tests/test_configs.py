@@ -83,3 +83,33 @@ def test_dry_run_needs_neither_weights_nor_data(capsys):
                  "--set", "task.options.root=/nonexistent/cifar10"]) == 0
     out = capsys.readouterr().out
     assert "is absent" in out and "example input (1, 3, 32, 32)" in out and "2880 in 12 layers" in out
+
+
+def test_detection_config_validates():
+    cfg = load_config(CONFIGS / "retinanet_coco.yaml")
+    assert (cfg.adapter.name, cfg.scorer.name, f"{cfg.model.source}:{cfg.model.name}") == (
+        "detection", "detection_match", "cswap:torchvision_detector")
+    assert cfg.task.options["format"] == "coco" and cfg.task.options["labels"] == "category_id"
+    assert cfg.task.options["root"] == str(CONFIGS.resolve().parent / "data" / "coco")  # read against the config
+
+
+@pytest.mark.slow  # units of a ResNet-50 FPN RetinaNet, each layer checked: minutes on one thread
+def test_detection_config_dry_runs_on_coco_layout(tmp_path, one_thread):
+    """The COCO 2017 layout with two tiny splits (category ids 1 and 18, so labels: category_id
+    keeps gaps), 64x64 instead of 512x512 to keep the check short."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        (root / split).mkdir()
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(root / split / "a.jpg")
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": [{"id": 1, "file_name": "a.jpg", "height": 48, "width": 64}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 18, "bbox": [2, 2, 20, 20]}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}]}))
+    cfg = load_config(CONFIGS / "retinanet_coco.yaml", [f"task.options.root={root}", "task.options.image_size=[64,64]"])
+    text = describe(cfg)
+    assert "random initialisation: weight file" in text and "adapter    detection" in text

@@ -14,7 +14,8 @@ from cswap.adapters.generic import GenericAdapter  # noqa: E402
 from cswap.discovery import discover  # noqa: E402
 from cswap.interfaces import PROGRESSIVE, RANKED, Analysis, Unit  # noqa: E402
 from cswap.intervention import Intervention  # noqa: E402
-from cswap.options import PruningOptions  # noqa: E402
+from cswap.options import AnalysisOptions, Target  # noqa: E402
+from cswap.replay import adapter_of, steps_for  # noqa: E402
 from cswap.plan import PruningPlan  # noqa: E402
 from cswap.removal import count_params  # noqa: E402
 
@@ -64,8 +65,8 @@ def plan_of(criterion, model, graph, task, seed: int, adapter=None, **pruning):
     adapter = adapter or GenericAdapter()
     analysis = Analysis(model, graph, task, registry.create("scorers", task.default_scorer),
                         registry.create("tests", task.default_test), adapter, adapter.name, torch.device("cpu"),
-                        PruningOptions(**pruning))
-    return PruningPlan.from_ranking(model, graph, criterion.rank(analysis, seed), adapter=adapter.name)
+                        AnalysisOptions(**pruning))
+    return PruningPlan.from_analysis(analysis, criterion.rank(analysis, seed))
 
 
 def check_valid_plan(plan, model, graph, task):
@@ -74,15 +75,15 @@ def check_valid_plan(plan, model, graph, task):
     assert len(set(units)) == len(units)
     assert len(units) == graph.num_units - len(graph.layers)  # every unit but one per layer
     assert plan.params_total == count_params(model)
-    k = plan.prefix_for(0.3)
-    pruned = plan.apply(model, params_ratio=0.3)
+    pruned = plan.apply(model, params_ratio=0.3, recovery="none")
     removed = 1 - count_params(pruned) / count_params(model)
     assert 0.3 <= removed < 0.3 + max(s.params_freed for s in plan.steps) / plan.params_total + 1e-9
     x = task.example_inputs()
     cut = copy.deepcopy(model)
     intervention = Intervention(cut, graph)
-    for u in plan.units(k):
-        intervention.cut(u)
+    k, _ = steps_for(plan, model, Target(params_ratio=0.3), adapter_of(plan))
+    for step in plan.steps[:k]:
+        intervention.cut(step.unit)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), cut(x), atol=output_tolerance(cut, x), rtol=0)
 
@@ -122,8 +123,9 @@ def test_criterion_on_tiny_mobilenet_v2(name, mobilenet_case):
 def test_random_depends_on_seed_only(resnet_case):
     model, task, graph = resnet_case
     a, b, c = (plan_of(make("random"), model, graph, task, s) for s in (0, 0, 1))
-    assert a.units() == b.units()
-    assert a.units() != c.units()
+    units = [[s.unit for s in p.steps] for p in (a, b, c)]
+    assert units[0] == units[1]
+    assert units[0] != units[2]
 
 
 def test_per_layer_normalisation_gives_unit_mean_magnitude(resnet_case):
@@ -137,7 +139,7 @@ def test_per_layer_normalisation_gives_unit_mean_magnitude(resnet_case):
     for layer in graph.layers:
         assert len(scores[layer.name]) == layer.channels - 1
         assert max(scores[layer.name]) < layer.channels  # sum of all = channels
-    assert plan.units() != raw.units()
+    assert [s.unit for s in plan.steps] != [s.unit for s in raw.steps]
     assert plan.meta["options"]["normalize"] == "layer"
 
 
@@ -162,7 +164,7 @@ def test_causal_baselines_on_the_staged_engine_give_the_full_forward_plan(resnet
     model, task, graph = resnet_case
     plans = {engine: plan_of(make(name, **options), model, graph, task, 0, adapter=ResNetAdapter(), engine=engine)
              for engine in ("auto", "full")}
-    assert plans["auto"].meta["engine"] == "Staged" and plans["full"].meta["engine"] == "FullForward"
+    assert plans["auto"].meta["engine"] == "staged" and plans["full"].meta["engine"] == "full"
     assert [s.to_json() for s in plans["auto"].steps] == [s.to_json() for s in plans["full"].steps]
     if name == "amp":  # removals happened, so the engine's cache was updated along the way
         assert 0 < plans["auto"].meta["categories"]["removed"] < graph.num_units - len(graph.layers)
@@ -249,14 +251,14 @@ def test_magnitude_refuses_attention_heads_with_the_reason():
     from cswap import registry
     from cswap.build import analysis_for
     from cswap.errors import ModelError
-    from cswap.options import PruningOptions
+    from cswap.options import AnalysisOptions
     from cswap.tasks.classification import ClassificationTask
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=4, in_chans=1,
                               embed_dim=16, depth=2, num_heads=2, mlp_ratio=2, num_classes=3).eval()
     task = ClassificationTask.from_tensors(torch.randn(24, 1, 8, 8), torch.arange(3).repeat(8), samples_per_class=8)
-    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False))
+    a = analysis_for(model, task, progress=False, options=AnalysisOptions(verify_units=False))
     assert a.adapter_name == "vit"
     with pytest.raises(ModelError, match="adapter vit prunes units of its own"):
         registry.create("criteria", "magnitude").rank(a, 0)

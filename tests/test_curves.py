@@ -130,7 +130,9 @@ def test_replay_stops_where_the_plan_cannot_shrink_further():
     from cswap import registry
     from cswap.build import analysis_for
     from cswap.curves import replay_curve
+    from cswap.options import Target
     from cswap.plan import PruningPlan
+    from cswap.replay import ReplayData, replay_steps
 
     from helpers_tiny import tensor_task
 
@@ -143,11 +145,14 @@ def test_replay_stops_where_the_plan_cannot_shrink_further():
     reachable = plan.cumulative_params_removed()[-1] / plan.params_total
     assert 0.05 < reachable < 0.9
     unpruned = task.evaluate(model)["accuracy"]
-    rows = replay_curve(model, plan, task, (0, 0.05, 0.9, 0.95), None, "accuracy", unpruned)
+    plain = Target(recovery="none")
+    rows = replay_curve(model, plan, task, (0, 0.05, 0.9, 0.95), analysis.adapter, "accuracy", unpruned,
+                        target=plain, data=ReplayData())
     assert [r["target_ratio"] for r in rows] == [0, 0.05, pytest.approx(reachable)]
     assert rows[-1]["steps"] == len(plan.steps) and rows[-1]["params_ratio"] == pytest.approx(reachable)
     assert rows[0]["accuracy"] == unpruned
-    assert rows[-1]["accuracy"] == task.evaluate(plan.apply_prefix(model, len(plan.steps)))["accuracy"]
+    whole = replay_steps(plan, model, len(plan.steps), plain, ReplayData(), adapter=analysis.adapter).model
+    assert rows[-1]["accuracy"] == task.evaluate(whole)["accuracy"]
 
 
 def test_parsers_reject_bad_input():

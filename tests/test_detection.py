@@ -185,7 +185,7 @@ def test_cswap_prune_detection_end_to_end(scenes, tmp_path, one_thread, capsys):
         "model": {"source": "cswap", "name": "tiny_retinanet", "kwargs": {"in_channels": 1}, "weights": str(weights)},
         "task": {"name": "detection", "options": {"root": str(scenes), "samples_per_class": 4}},
         "pruning": {"params_ratio": 0.2},
-        "output": {"dir": str(tmp_path / "runs"), "latency_repeats": 2, "latency_batch": 4},
+        "output": {"dir": str(tmp_path / "runs"), "latency_repeats": 2, "report_batch": 4},
     }
     path = tmp_path / "det.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -217,3 +217,96 @@ def test_torchvision_detectors_cut_equals_removal(name, skipped, one_thread):
         assert any("GroupNorm" in why for why in graph.skipped.values())
     result = check_cut_equals_removal(_lively(model), x, "detection", per_layer=1, max_layers=8, atol=1e-5 * 64)
     assert result["diff64"] <= 1e-9 * 64
+
+
+# ---- COCO-format data ------------------------------------------------------------------------
+def _write_coco(root, split, images, annotations, categories):
+    """A COCO-format split written by hand: PNG files and annotations/instances_<split>.json."""
+    from PIL import Image
+
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    entries = []
+    for i, pixels in enumerate(images):
+        name = f"img{i}.png"
+        Image.fromarray(pixels).save(root / split / name)
+        entries.append({"id": 10 + i, "file_name": name, "height": pixels.shape[0], "width": pixels.shape[1]})
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": entries, "annotations": annotations, "categories": categories}))
+
+
+CATEGORIES = [{"id": 7, "name": "kite"}, {"id": 3, "name": "car"}]  # ids with a gap, not in order
+
+
+@pytest.fixture()
+def coco(tmp_path):
+    """Two splits of 20x30 RGB images; category ids 3 and 7; one crowd box left out."""
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 255, (20, 30, 3), dtype=np.uint8) for _ in range(3)]
+    train = [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [1, 2, 10, 5], "iscrowd": 0},
+             {"id": 2, "image_id": 10, "category_id": 3, "bbox": [12.5, 0, 4, 20]},
+             {"id": 3, "image_id": 11, "category_id": 3, "bbox": [0, 0, 30, 20], "iscrowd": 1},
+             {"id": 4, "image_id": 12, "category_id": 7, "bbox": [5, 5, 5, 5], "iscrowd": 0}]
+    _write_coco(tmp_path, "train", pixels, train, CATEGORIES)
+    _write_coco(tmp_path, "val", pixels[:2], train[:2], CATEGORIES)
+    return tmp_path, pixels
+
+
+def _coco_task(root, **options):
+    return registry.create("tasks", "detection", {"format": "coco", "root": str(root), "manifold_split": "train",
+                                                  "eval_split": "val", "samples_per_class": 2, **options})
+
+
+def test_coco_reader_gives_the_annotated_boxes_and_images(coco):
+    root, pixels = coco
+    task = _coco_task(root)
+    assert task.class_names == ["car", "kite"] and task.class_count() == 2  # ascending category id
+    images = task.images("train", [2, 0])
+    torch.testing.assert_close(images, torch.from_numpy(np.stack([pixels[2], pixels[0]])).permute(0, 3, 1, 2) / 255.0,
+                               atol=0, rtol=0)
+    targets = task.targets("train", [0, 1, 2], 2)  # (label, x1, y1, x2, y2); the crowd box of image 1 is left out
+    expected = torch.tensor([[[1, 1, 2, 11, 7], [0, 12.5, 0, 16.5, 20]],
+                             [[-1, 0, 0, 0, 0], [-1, 0, 0, 0, 0]],
+                             [[1, 5, 5, 10, 10], [-1, 0, 0, 0, 0]]])
+    torch.testing.assert_close(targets, expected, atol=0, rtol=0)
+    from cswap.errors import DataError
+
+    with pytest.raises(DataError, match=r"class 0 \(car\) appears in 1 images"):  # the crowd box does not count
+        task.manifold(0)
+    ids = _coco_task(root, labels="category_id")
+    assert ids.class_names == ["", "", "", "car", "", "", "", "kite"]
+    assert ids.targets("train", [0], 2)[0, :, 0].tolist() == [7, 3]
+
+
+def test_coco_reader_resizes_images_and_boxes_alike(coco):
+    root, _ = coco
+    task = _coco_task(root, image_size=(40, 15))  # (H, W): y doubled, x halved
+    assert task.images("val", [0, 1]).shape == (2, 3, 40, 15)
+    torch.testing.assert_close(task.targets("val", [0], 2)[0, 0], torch.tensor([1, 0.5, 4, 5.5, 14]))
+
+
+def test_coco_reader_refuses_malformed_annotations_in_one_line(coco, tmp_path):
+    from cswap.errors import ConfigError, DataError
+
+    root, pixels = coco
+    bad = {"outside": ({"bbox": [25, 0, 10, 5]}, r"annotations\[0\]: bbox \[25, 0, 10, 5\] is empty or outside"),
+           "category": ({"category_id": 5}, r"annotations\[0\] names category_id 5, which is not in categories"),
+           "image": ({"image_id": 99}, r"annotations\[0\] names image_id 99"),
+           "nan": ({"bbox": [1, 1, float("nan"), 2]}, "bbox must be 4 finite numbers")}
+    for name, (change, message) in bad.items():
+        folder = tmp_path / name
+        ann = {"id": 1, "image_id": 10, "category_id": 3, "bbox": [1, 1, 2, 2], **change}
+        _write_coco(folder, "train", pixels[:1], [ann], CATEGORIES)
+        with pytest.raises(DataError, match=message) as info:
+            _coco_task(folder).targets("train", [0], 1)
+        assert "\n" not in str(info.value) and "instances_train.json" in str(info.value)
+    (root / "train" / "img1.png").unlink()
+    with pytest.raises(DataError, match=r"img1\.png of image id 11 cannot be read"):
+        _coco_task(root).images("train", [1])
+    _write_coco(tmp_path / "sizes", "train", [pixels[0], pixels[0][:10]], [], CATEGORIES)
+    with pytest.raises(DataError, match="images of 2 sizes.*image_size"):
+        _coco_task(tmp_path / "sizes").images("train", [0])
+    with pytest.raises(DataError, match="no COCO annotations for split 'val'"):
+        _coco_task(tmp_path / "sizes").images("val", [0])
+    with pytest.raises(ConfigError, match="options of format coco"):
+        registry.create("tasks", "detection", {"root": str(root), "image_size": [8, 8]})

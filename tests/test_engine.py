@@ -14,7 +14,7 @@ from torch import nn
 
 import cswap
 from cswap.build import resolve_adapter
-from cswap.engine import FullForward, Staged, make_engine
+from cswap.engine import FullForward, Staged, make_engine, stage_chain
 from cswap.intervention import Intervention
 from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.tasks.classification import ClassificationTask
@@ -39,8 +39,22 @@ def test_auto_picks_staged_for_resnet(model_and_data):
     task = ClassificationTask.from_tensors(x, y, 20)
     scorer = cswap.registry.create("scorers", "class_probability")
     engine = make_engine("auto", model, scorer, task.manifold(0), graph, adapter.stages(model))
-    assert isinstance(engine, Staged) and engine.check_equals_forward()
-    assert isinstance(make_engine("full", model, scorer, task.manifold(0), graph, adapter.stages(model)), FullForward)
+    assert isinstance(engine, Staged) and engine.kind == "staged"
+    assert stage_chain("auto", adapter.stages(model), model, x[:2]) is not None  # reproduces the forward
+    full = make_engine("full", model, scorer, task.manifold(0), graph, adapter.stages(model))
+    assert isinstance(full, FullForward) and full.kind == "full"
+
+
+def test_an_engine_the_model_cannot_run_is_one_line():
+    from cswap.errors import ConfigError
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match="engine staged needs an adapter with a stage chain"):
+        stage_chain("staged", None, model, torch.randn(2, 4))
+    broken = [torch.nn.Identity()]  # a chain that does not reproduce the forward
+    assert stage_chain("auto", broken, model, torch.randn(2, 4)) is None
+    with pytest.raises(ConfigError, match="do not reproduce"):
+        stage_chain("delta", broken, model, torch.randn(2, 4))
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -219,7 +219,7 @@ def test_truncated_or_edited_plan_is_a_clear_error(tmp_path, config):
     (run / "plan.json").write_text(plan[: len(plan) // 2])
     with pytest.raises(DataError, match=r"plan.json is not valid JSON"):
         cswap.load_pruned(run)
-    (run / "plan.json").write_text(plan.replace('"layer3.0.conv1"', '"layer9.0.conv1"'))
+    (run / "plan.json").write_text(plan.replace('layer3.0.conv1', 'layer9.0.conv1'))  # consistent, wrong model
     with pytest.raises(DataError, match=r"layer 'layer9.0.conv1' of the plan is not a module of CifarResNet"):
         cswap.load_pruned(run)
     (run / "plan.json").write_text(plan.replace('"params_total": ', '"params_total": 1'))
@@ -285,3 +285,160 @@ def test_a_task_that_declares_no_classes_is_not_checked():
     model = cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
     assert Groups().num_classes is None
     assert cswap.analyze(model, Groups(), progress=False).steps
+
+
+# ---- issue 25: every parse of user text and every hand-edited file is one line ------------
+@pytest.mark.parametrize("override,needle", [
+    ("device=foo", "device: Value error, 'foo' is not a device: cpu, cuda, cuda:N or mps"),
+    ("seed=-5", "seed: Input should be greater than or equal to 0"),
+    (f"seed={2**32}", "seed: Input should be less than or equal to 4294967295"),
+    ("seed=true", "seed: Input should be a valid integer"),
+    ("name=../../elsewhere", "is not a plain file name"),
+])
+def test_bad_run_settings_are_one_line(tmp_path, config, capsys, override, needle):
+    before = _files(tmp_path)
+    assert main(["prune", str(config), "--set", override, "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    _one_line(capsys, needle)
+    assert _files(tmp_path) == before
+
+
+def test_a_device_this_machine_lacks_is_refused_before_anything_runs(tmp_path, config, capsys):
+    """`config.check_device_available`: `cswap curve` calls it before any analysis (the
+    config itself still validates and dry-runs, so a GPU config can be checked on a laptop)."""
+    from cswap.config import check_device_available, load_config
+
+    device = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    assert load_config(config, [f"device={device}"]).device == device
+    with pytest.raises(ConfigError, match=f"device {device!r} is not available here"):
+        check_device_available(device)
+    check_device_available("cpu")
+    assert main(["curve", str(config), "--set", f"device={device}", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    _one_line(capsys, f"device {device!r} is not available here", "--set device=cpu")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["curve", "--criterion-options", "not json"], "--criterion-options is not valid JSON"),
+    (["curve", "--criterion-options", "[1]"], "--criterion-options must be a JSON object mapping each name"),
+    (["curve", "--criterion-options", '{"amp": 3}'], "must be a JSON object mapping each name"),
+    (["curve", "--criterion-options", '{"ampp": {"tau": 1}}'], "criterion options given for 'ampp', which is not"),
+    (["curve", "--criteria", "amp", "--criterion-options", '{"amp": {"nonsense": 1}}'],
+     "'amp': nonsense: Extra inputs are not permitted"),
+    (["curve", "--seeds", "0"], "--seeds 0: give at least 1"),
+    (["curve", "--ratios", "nan"], "ratios must lie in [0, 1)"),
+    (["sweep", "--test-option", "voting=[unclosed"], "--test-option voting: '[unclosed' is not a valid YAML value"),
+    (["sweep", "--alpha", "0.05,x"], "--alpha must be a comma-separated list"),
+])
+def test_command_line_text_is_parsed_in_one_line(tmp_path, config, capsys, args, needle):
+    before = _files(tmp_path)
+    assert main([args[0], str(config), *args[1:], "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    _one_line(capsys, needle)
+    assert _files(tmp_path) == before
+
+
+def test_a_state_file_that_is_not_a_list_of_decisions_is_one_line(tmp_path, config, capsys):
+    from cswap.config import dump_config, load_config
+    from cswap.rundir import MARKER, MARKER_FORMAT
+
+    partial = tmp_path / "r.partial"
+    partial.mkdir()
+    (partial / MARKER).write_text(MARKER_FORMAT + "\n")
+    (partial / "config.yaml").write_text(dump_config(load_config(config)))
+    before = _files(tmp_path)
+    for state in ('{"decisions": 5}', '{"decisions": [{"unit": "conv1", "category": "neutral"}]}', '[1, 2]',
+                  '{"decisions": [{"unit": "conv1:0", "category": "neutral", "xi": "big", "p_values": {}}]}'):
+        (partial / "analysis_state.json").write_text(state)
+        assert main(["prune", str(config), "--resume", str(partial), "--quiet"]) == 2
+        _one_line(capsys, "does not hold a list of decisions")
+        assert main(["prune", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 2  # a fresh run keeps it
+        _one_line(capsys, "holds an unreadable analysis_state.json" if "5" in state or "[1" in state
+                  else "recorded decisions", "--force")
+    assert _files(tmp_path) == before | {partial / "analysis_state.json"}  # nothing else created or removed
+
+
+def test_hand_edited_plan_values_are_named(tmp_path, config):
+    """`cswap.plan_check.check_plan_data` (what `PruningPlan.from_json` runs first) on a real
+    plan.json with one value edited at a time."""
+    from cswap.plan_check import check_plan_data
+
+    run = tmp_path / "r"
+    assert main(["prune", str(config), "--out", str(run), "--quiet"]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    check_plan_data(plan, "plan.json")  # the file as written passes
+    layer = next(iter(plan["layers"]))
+    edits = [(("layers", layer), "abc", rf"layers = .* is not a mapping of layer names to positive widths"),
+             (("input_shape",), [1, -12, 12], r"input_shape = \[1, -12, 12\] is not a list of positive sizes"),
+             (("params_total",), "many", "params_total = 'many' is not a positive count"),
+             (("steps", 0, "unit"), f"{layer}:999999", r"steps\[0\]: unit .* is not a channel of a layer"),
+             (("steps", 0, "xi"), "high", r"steps\[0\]: xi = 'high' is not a number"),
+             (("steps", 1, "unit"), plan["steps"][0]["unit"], r"steps\[1\] removes .* a second time"),
+             (("steps",), None, "steps = None is not a list of steps")]
+    for keys, value, pattern in edits:
+        edited = json.loads(json.dumps(plan))
+        node = edited
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+        with pytest.raises(DataError, match=pattern):
+            check_plan_data(edited, "plan.json")
+    with pytest.raises(DataError, match="field 'steps' is missing"):
+        check_plan_data({k: v for k, v in plan.items() if k != "steps"}, "plan.json")
+
+
+def test_labels_the_model_cannot_predict_and_non_finite_inputs_are_named():
+    """`cswap.coverage`, the core's check of S for any task (the classification task refuses
+    such labels itself, earlier): labels 0..4 for a 3-output model were reported as "covers 5
+    of the 5 classes"; now they are named."""
+    from cswap.coverage import check_coverage, check_finite_inputs
+    from cswap.interfaces import Manifold, Task
+
+    class FiveClasses(Task):  # a third-party task: five classes, S of the given batches
+        num_classes, missing_classes = 5, "error"
+
+        def __init__(self, batches):
+            self.batches = batches
+
+        def manifold(self, seed, samples_per_class=None):
+            return Manifold(self.batches, {int(k): int(n) for k, n in zip(*torch.unique(self.batches[0][1],
+                                                                                            return_counts=True))})
+
+        def evaluate(self, model, device="cpu"):
+            return {"accuracy": 0.0}
+
+        def example_inputs(self):
+            return self.batches[0][0][:1]
+
+    model = cifar_resnet8(width=4, in_channels=1, num_classes=3).eval()
+    task = FiveClasses([patterns(4, classes=5, size=12)])
+    with pytest.raises(DataError, match=r"S holds labels \[3, 4\] that the model cannot predict: it has 3 outputs"):
+        check_coverage(task, task.manifold(0), model, task.example_inputs())
+    x, y = patterns(4, size=12)
+    x[6, 0, 3, 3] = float("nan")
+    with pytest.raises(DataError, match="non-finite values .*first in sample 6"):  # counted across batches
+        check_finite_inputs(Manifold([(x[:4], y[:4]), (x[4:], y[4:])], {0: 4, 1: 4, 2: 4}))
+    x[6, 0, 3, 3], x[9, 0, 0, 0] = 0.0, float("inf")
+    with pytest.raises(DataError, match="first in sample 9"):
+        check_finite_inputs(Manifold([(x, y)], {0: 4, 1: 4, 2: 4}))
+
+
+def test_a_test_that_cannot_judge_the_scorer_is_named():
+    from cswap.interfaces import Decision, SignificanceTest
+    from cswap.pairing import paired_for
+
+    class HigherOnly(SignificanceTest):  # keeps the interface's default for_scorer
+        alpha = 0.05
+
+        def with_alpha(self, alpha):
+            return self
+
+        def effect(self, sigma, sigma_star):
+            return sigma_star - sigma
+
+        def decide(self, sigma, sigma_star, groups):
+            return [Decision("neutral", 0.0, {}, []) for _ in sigma_star]
+
+    class Loss:
+        higher_is_better = False
+
+    with pytest.raises(ConfigError, match="test 'higher_only' cannot judge scorer 'loss' \\(lower-is-better\\)"):
+        paired_for(HigherOnly(), Loss(), "higher_only", "loss")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from cswap.cli import main
 from cswap.config import load_config
@@ -26,7 +27,7 @@ def test_dry_run_says_sample_set_engine_trials_probe_and_time(config, capsys):
     assert f"sample set |S| = {samples} samples" in out and samples == 36  # 12 per class, 3 classes
     assert "engine     staged" in out  # the ResNet adapter's stage chain reproduces the forward
     assert f"trials     at most {a.units.num_units} (one per unit; {a.units.num_units} units in" in out
-    assert re.search(r"probe      one pass over S: [\d.]+ m?s", out)
+    assert re.search(r"probe      one pass over S \(a batch, scaled\): [\d.]+ m?s", out)
     assert re.search(r"estimate   analysis about [\d.]+ m?s", out)
     # the staged model: a unit's trial re-runs the stages from its first reader, so a layer
     # nearer the input costs at least as much, and none more than a full pass plus scoring
@@ -95,3 +96,19 @@ def test_replayed_units_move_the_bar_but_not_its_rate():
     progress.advance(1)
     assert progress.bar.n == 91  # the rate tqdm shows is (91 - 90) / elapsed: the unit tested, not the replays
     progress.close()
+
+
+def test_the_dry_run_traces_a_large_image_shrunk_where_the_model_takes_it():
+    """Issue 23, item 7: units are traced on at most 128 pixels a side (multiples of 32) when
+    the model runs on that size; a model tied to its input size is traced at its own."""
+    from torch import nn
+
+    from cswap.estimate import shrunk_inputs
+
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    big = torch.randn(1, 3, 1024, 2048)
+    assert shrunk_inputs(conv, big, 128).shape == (1, 3, 64, 128)
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 64 * 96, 2))
+    x = torch.randn(1, 3, 64, 96)
+    assert shrunk_inputs(fixed, x, 32) is x  # the linear layer needs 64 x 96: traced as it is
+    assert shrunk_inputs(conv, x, 128) is x  # already small

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from cswap.compensation import make_intervention
 from cswap.interfaces import RANKED, Manifold, PlanStep
 from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.plan import PruningPlan
-from cswap.replay import replay
+from cswap.options import AnalysisOptions, Target
+from cswap.replay import ReplayData, replay_steps
 
 from conftest import cswap_plan, patterns, randomize_batchnorm, small_mlp, train
 from removal_check import pick_units
@@ -77,20 +79,20 @@ def test_compensated_cut_equals_removal_on_every_adapter(family, kind, one_threa
     graph = adapter.units(model, x[:1])
     units = pick_units(graph, per_layer=2)
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in units], method="test", adapter=name,
-                             meta={"intervention": kind})
+                             intervention=kind)
     compensated = replay(plan, model, len(units), adapter=adapter, graph=graph, sample_set=_sample_set(x, y))
-    zero = replay(dataclass_copy(plan, {}), model, len(units), adapter=adapter, graph=graph)
+    zero = replay(dataclasses.replace(plan, intervention="zero"), model, len(units), adapter=adapter, graph=graph)
     with torch.no_grad():
-        cut, removed, zero_cut = compensated.cut(x), compensated.pruned(x), zero.cut(x)
+        cut, removed, zero_cut = compensated.cut(x), compensated.model(x), zero.cut(x)
     scale = max(cut.abs().max().item(), 1.0)
     assert (cut - removed).abs().max().item() <= 1e-9 * scale
     assert (cut - zero_cut).abs().max().item() > 1e-6 * scale, "the compensation changed nothing"
 
 
-def dataclass_copy(plan: PruningPlan, meta: dict) -> PruningPlan:
-    import dataclasses
-
-    return dataclasses.replace(plan, meta=meta)
+def replay(plan: PruningPlan, model, k: int, *, adapter, graph, sample_set=None, recovery: str = "none"):
+    """`cswap.replay.replay_steps` with the cut model kept, on S as calibration data."""
+    return replay_steps(plan, model, k, Target(recovery=recovery), ReplayData(sample_set, sample_set),
+                        adapter=adapter, graph=graph, keep_cut=True)
 
 
 @pytest.mark.parametrize("kind", ("zero", *KINDS))
@@ -102,7 +104,7 @@ def test_trial_equals_commit_bitwise_and_is_undone_exactly(kind, one_thread):
     graph = adapter.units(model, x[:1])
     units = [layer.units()[0] for layer in graph.layers]
     work = copy.deepcopy(model)
-    intervention = make_intervention(kind, work, graph, model, _sample_set(x, y))
+    intervention = make_intervention(kind, work, graph, model, _sample_set(x, y), ridge=AnalysisOptions().ridge)
     with torch.no_grad():
         for unit in units[:3]:
             with intervention.trial([unit]):
@@ -124,17 +126,10 @@ def test_recovery_leaves_an_unpruned_model_unchanged(method, one_thread):
     graph = adapter.units(model, x[:1])
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in pick_units(graph)], method="test",
                              adapter="resnet")
-    replayed = replay(plan, model, 0, adapter=adapter, graph=graph, sample_set=_sample_set(x, y),
-                      recovery=_recovery(method))
+    replayed = replay(plan, model, 0, adapter=adapter, graph=graph, sample_set=_sample_set(x, y), recovery=method)
     with torch.no_grad():
-        a, b = model(x), replayed.pruned(x)
+        a, b = model(x), replayed.model(x)
     assert (a - b).abs().max().item() <= 1e-4 * max(a.abs().max().item(), 1.0)
-
-
-def _recovery(method: str):
-    from cswap.options import RecoveryOptions
-
-    return RecoveryOptions.model_validate(method)
 
 
 def test_least_squares_recovery_repairs_what_removal_broke(one_thread):
@@ -147,11 +142,10 @@ def test_least_squares_recovery_repairs_what_removal_broke(one_thread):
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in units], method="test", adapter="resnet")
     s = _sample_set(x, y)
     plain = replay(plan, model, len(plan.steps), adapter=adapter, graph=graph)
-    fixed = replay(plan, model, len(plan.steps), adapter=adapter, graph=graph, sample_set=s,
-                   recovery=_recovery("least_squares"))
+    fixed = replay(plan, model, len(plan.steps), adapter=adapter, graph=graph, sample_set=s, recovery="least_squares")
     with torch.no_grad():
         target = model(x)
-        before, after = (plain.pruned(x) - target).norm().item(), (fixed.pruned(x) - target).norm().item()
+        before, after = (plain.model(x) - target).norm().item(), (fixed.model(x) - target).norm().item()
     assert after < 0.5 * before, (before, after)
     assert fixed.recovery.to_json()["methods"] == "least_squares"
 
@@ -167,7 +161,7 @@ def test_compensated_plan_is_the_same_on_every_exact_engine(kind, one_thread):
     plans = [cswap_plan(model, task, engine=engine, unit_batch=batch, intervention=kind).to_json()
              for engine, batch in (("full", 1), ("staged", 1), ("staged", 3))]
     assert plans[0]["steps"] and plans[0] == plans[1] == plans[2]
-    assert plans[0]["meta"]["intervention"] == kind
+    assert plans[0]["intervention"] == kind
 
 
 def test_recovered_run_reloads_in_a_fresh_process(config, tmp_path, one_thread):
@@ -222,20 +216,20 @@ def test_amp_judges_the_compensated_cut_and_its_plan_replays_with_it(one_thread)
 
     from cswap import registry
     from cswap.build import analysis_for
-    from cswap.options import PruningOptions
+    from cswap.options import AnalysisOptions
     from cswap.tasks.classification import ClassificationTask
 
     model, x, y = _trained_resnet()
     task = ClassificationTask.from_tensors(x, y, samples_per_class=20)
-    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False))
-    plans = {kind: PruningPlan.from_ranking(model, a.units, registry.create("criteria", "amp").rank(
-        with_options(a, options=a.options.model_copy(update={"intervention": kind})), 0), adapter=a.adapter_name)
+    a = analysis_for(model, task, progress=False, options=AnalysisOptions(verify_units=False))
+    plans = {kind: PruningPlan.from_analysis(a, registry.create("criteria", "amp").rank(
+        with_options(a, options=a.options.model_copy(update={"intervention": kind})), 0))
         for kind in ("zero", "least_squares")}
-    assert plans["least_squares"].meta["intervention"] == "least_squares" and not plans["zero"].compensated
+    assert plans["least_squares"].intervention == "least_squares" and not plans["zero"].compensated
     plan = plans["least_squares"]
     out = replay(plan, model, len(plan.steps) // 2, adapter=a.adapter, graph=a.units, sample_set=task.manifold(0))
     with torch.no_grad():
-        cut, removed = out.cut(x), out.pruned(x)
+        cut, removed = out.cut(x), out.model(x)
     assert (cut - removed).abs().max().item() <= 1e-4 * max(cut.abs().max().item(), 1.0)
 
 
@@ -244,13 +238,13 @@ def test_compensated_analysis_resumes_to_the_uninterrupted_plan(kind, one_thread
     """Stopped mid-run after a removal and resumed from the saved state: replayed removals apply
     their compensations (and the Gram downdates) again, so the plan is the uninterrupted one."""
     from cswap.build import analysis_for
-    from cswap.options import PruningOptions
+    from cswap.options import AnalysisOptions
     from cswap.pruner import progressive_prune
     from cswap.tasks.classification import ClassificationTask
 
     model, x, y = _trained_resnet()
     task = ClassificationTask.from_tensors(x, y, samples_per_class=20)
-    a = analysis_for(model, task, progress=False, options=PruningOptions(verify_units=False, intervention=kind))
+    a = analysis_for(model, task, progress=False, options=AnalysisOptions(verify_units=False, intervention=kind))
     whole = progressive_prune(a, 0)
     saved = []
 
@@ -294,7 +288,7 @@ def test_a_compensated_plan_needs_its_sample_set_to_replay():
     name, adapter = resolve_adapter("auto", model)
     graph = adapter.units(model, x[:1])
     plan = PruningPlan.build(model, graph, [PlanStep(u, RANKED) for u in pick_units(graph)], method="test",
-                             adapter=name, meta={"intervention": "mean"})
-    with pytest.raises(ConfigError, match=r"sample_set=task.manifold\(seed\)"):
-        plan.apply(model, params_ratio=0.1)
-    assert plan.apply(model, params_ratio=0.1, sample_set=_sample_set(x, y)) is not None
+                             adapter=name, intervention="mean")
+    with pytest.raises(ConfigError, match=r"needs the data it was analysed with"):
+        plan.apply(model, params_ratio=0.1, recovery="none")
+    assert plan.apply(model, params_ratio=0.1, recovery="none", data=_sample_set(x, y)) is not None

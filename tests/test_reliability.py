@@ -134,8 +134,8 @@ def test_two_runs_on_one_directory_one_completes_the_other_is_refused(slow_confi
     _, a_err = a.communicate(timeout=600)
     assert a.returncode == 0, a_err[-2000:]
     # the directory is A's, whole and consistent: config, plan and weights reload together
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt", "plan.json", "pruned_model.pt",
-                                                     "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["class_metrics.png", "config.yaml", "log.txt", "plan.json",
+                                                     "pruned.json", "pruned_model.pt", "report.json"]
     assert "alpha: 0.2" not in (run / "config.yaml").read_text()
     import cswap
 
@@ -194,8 +194,8 @@ def test_a_signal_saves_the_state_says_how_to_resume_and_resume_completes(slow_c
     assert main(["prune", str(lazy), "--resume", str(partial), "--quiet"]) == 0
     assert f"{saved} decisions recorded" in (run / "log.txt").read_text()
     assert (run / "plan.json").read_bytes() == (whole / "plan.json").read_bytes()
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.txt", "plan.json", "pruned_model.pt",
-                                                     "report.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["class_metrics.png", "config.yaml", "log.txt", "plan.json",
+                                                     "pruned.json", "pruned_model.pt", "report.json"]
 
 
 def _resumable(config: Path, run: Path) -> Path:

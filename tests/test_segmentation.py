@@ -222,13 +222,11 @@ def test_shipped_config_dry_run_without_checkpoint_or_data(mmseg, capsys):
 
 # ---- one mmseg config setting; the labelIds-only mistake named -----------------------------
 def _config_with_normalisation(tmp_path, mean, std) -> str:
-    """A user's mmseg config: the shipped DDRNet one with another data_preprocessor."""
-    from cswap.models.mmseg import resolve_config
-
-    path = tmp_path / "my_ddrnet.py"
-    path.write_text(f"_base_ = [{str(resolve_config(DDRNET))!r}]\n"
-                    f"data_preprocessor = dict(mean={mean}, std={std})\n"
-                    "model = dict(data_preprocessor=data_preprocessor)\n")
+    """A user's mmseg config, as YAML (data: read with the safe loader, no opt-in needed): the
+    shipped DDRNet one as its `_base_`, with another data_preprocessor merged onto it."""
+    path = tmp_path / "my_ddrnet.yaml"
+    path.write_text(yaml.safe_dump({"_base_": [DDRNET], "data_preprocessor": {"mean": mean, "std": std},
+                                    "model": {"data_preprocessor": {"mean": mean, "std": std}}}))
     return str(path)
 
 
@@ -304,12 +302,20 @@ def _assert_back_in_mmseg(pruned, folder, unpruned_params: int) -> None:
 
     checkpoint = torch.load(folder / CHECKPOINT, weights_only=True)
     assert checkpoint["meta"]["pruned_by"] == "C-SWAP" and len(checkpoint["meta"]["dataset_meta"]["classes"]) == 19
+    # stock mmseg reads the written config (JSON, data) and refuses loudly instead of building the
+    # unpruned widths around the pruned checkpoint (issue 28 item 4)
+    from mmseg.apis import init_model
+
+    with pytest.raises(KeyError, match=r"PrunedByCSwap .*init_pruned_model\(config, checkpoint\) from cswap/models"):
+        init_model(str(folder / CONFIG), str(folder / CHECKPOINT), device="cpu")
     rebuilt = init_pruned_model(folder / CONFIG, folder / CHECKPOINT)
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in pruned.parameters()) < unpruned_params
     x = torch.randn(2, 3, 64, 128, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(SegLogits(rebuilt)(x), pruned(x), atol=0, rtol=0)
-    ours, theirs = inference_model(pruned, _image()), inference_model(rebuilt, _image())
+    theirs = inference_model(rebuilt, _image())
+    pruned.cfg = rebuilt.cfg  # the written config's test pipeline follows the run: compare under that one
+    ours = inference_model(pruned, _image())
     assert ours.pred_sem_seg.data.shape == (1, 64, 128) and ours.seg_logits.data.shape == (19, 64, 128)
     torch.testing.assert_close(ours.seg_logits.data, theirs.seg_logits.data, atol=0, rtol=0)
     assert rebuilt.dataset_meta["classes"][0] == "road"
@@ -329,7 +335,7 @@ def test_pruned_ddrnet_goes_back_to_mmseg(mmseg, one_thread, tmp_path):
     units = [Unit(l.name, c) for l in graph.layers for c in torch.randperm(l.channels, generator=g)[: l.channels // 2].tolist()]
     pruned = prune_units(copy.deepcopy(model), x, units)
     files = pruned.save_native(tmp_path)
-    assert sorted(p.name for p in files) == ["mmseg_config.py", "mmseg_pruned.pth"]
+    assert sorted(p.name for p in files) == ["mmseg_config.json", "mmseg_pruned.pth"]
     _assert_back_in_mmseg(pruned, tmp_path, sum(p.numel() for p in model.parameters()))
     # the unpruned model is an mmseg model too, and its segmentor holds the very same modules
     from mmseg.apis import inference_model
@@ -341,8 +347,8 @@ def test_pruned_ddrnet_goes_back_to_mmseg(mmseg, one_thread, tmp_path):
 def test_run_directory_of_the_fixture_goes_back_to_mmseg(mmseg, one_thread, tmp_path, capsys):
     """`cswap fixture cityscapes`, then `cswap prune` on its config: the run directory's
     pruned model works in mmseg, and its mmseg checkpoint rebuilds it (about 17 s)."""
+    from cswap import load_pruned
     from cswap.cli import main
-    from cswap.run import load_pruned
 
     assert main(["fixture", "cityscapes", str(tmp_path / "fx"), "--train-steps", "10"]) == 0
     assert "cswap prune" in capsys.readouterr().out
@@ -352,3 +358,48 @@ def test_run_directory_of_the_fixture_goes_back_to_mmseg(mmseg, one_thread, tmp_
     pruned = load_pruned(out)
     assert sum(p.numel() for p in pruned.parameters()) == report["after"]["params"]
     _assert_back_in_mmseg(pruned, out, report["before"]["params"])
+    # the written config evaluates what the run evaluated: its data root, split and (no) resize
+    written = json.loads((out / "mmseg_config.json").read_text())
+    root = str((tmp_path / "fx" / "cityscapes").resolve())
+    assert written["data_root"] == written["test_dataloader"]["dataset"]["data_root"] == root
+    assert written["test_dataloader"]["dataset"]["data_prefix"] == {"img_path": "leftImg8bit/val",
+                                                                     "seg_map_path": "gtFine/val"}
+    assert [step["type"] for step in written["test_pipeline"]] == ["LoadImageFromFile", "LoadAnnotations",
+                                                                    "PackSegInputs"]
+
+
+# ---- issue 25: bad data and configs are one line, named -------------------------------------
+def test_bad_label_maps_and_normalisation_are_named(mmseg, cityscapes, tmp_path):
+    from PIL import Image
+
+    from cswap.errors import DataError
+
+    maps = sorted((cityscapes / "gtFine" / "val").rglob("*_labelTrainIds.png"))
+    good = np.array(Image.open(maps[1]))
+    bad = good.copy()
+    bad[5, 7] = 77  # neither a class (0..18) nor the ignore index
+    Image.fromarray(bad).save(maps[1])
+    task = registry_task(cityscapes)
+    index = next(i for i in range(4) if task.dataset("val").get_data_info(i)["seg_map_path"] == str(maps[1]))
+    task.load("val", [j for j in range(4) if j != index])  # the other frames load
+    with pytest.raises(DataError, match=rf"label map {maps[1]} .*holds label 77, which is neither one of the 19"):
+        task.load("val", range(4))
+    Image.fromarray(good[:32]).save(maps[1])  # half the height of its image
+    with pytest.raises(DataError, match=rf"label map {maps[1]} .*has shape \(1, 32, 128\), not one channel of its "
+                                        r"image's size \(64, 128\)"):
+        registry_task(cityscapes).load("val", [index])
+    zero_std = tmp_path / "zero_std.yaml"
+    zero_std.write_text(yaml.safe_dump({"data_preprocessor": {"mean": [0, 0, 0], "std": [0, 0, 0]}}))
+    with pytest.raises(DataError, match=r"is not finite after normalisation: check the mmseg config's data_prepro"):
+        registry_task(cityscapes, config=str(zero_std)).load("val", [0])
+
+
+def test_cfg_options_that_break_the_segmentor_are_one_line(mmseg):
+    from cswap.errors import ConfigError, ModelError
+
+    with pytest.raises(ConfigError, match=r"model.backbone is None; an EncoderDecoder needs a backbone"):
+        _ddrnet({"model.backbone": None})
+    with pytest.raises(ConfigError, match=r"model.decode_head is None"):
+        _ddrnet({"model": {"_delete_": True, "type": "EncoderDecoder", "backbone": {"type": "DDRNet"}}})
+    with pytest.raises(ModelError, match=r"mmseg cannot build the segmentor of .*: TypeError"):
+        _ddrnet({**TINY, "model.backbone.channels": "abc"})

@@ -129,6 +129,30 @@ def test_timm_model_is_handled_or_fails_as_documented(name, one_thread):
     check_documented_outcome(name, documented[name])
 
 
+# timm's ResNet class (timm.models.resnet.ResNet) builds these; ResNet-V2 is another class
+TIMM_RESNETS = ["resnet18", "resnet10t", "resnet26d", "seresnext26d_32x4d", "ecaresnet26t", "skresnet18",
+                "resnest14d", "res2net50_14w_8s", "res2next50"]
+
+
+@pytest.mark.parametrize("name", TIMM_RESNETS)
+@torch.no_grad()
+def test_timm_resnets_get_the_resnet_adapter_and_its_stage_chain(name, one_thread):
+    """The staged engine applies: `adapter: auto` picks the resnet adapter, whose stages run
+    in order compute the model's forward exactly (not only on torchvision's ResNets)."""
+    from removal_check import stages_forward
+
+    from cswap.engine import stage_chain
+
+    model, x = build(name)
+    adapter_name, adapter = resolve_adapter("auto", model)
+    assert adapter_name == "resnet"
+    stages = adapter.stages(model)
+    assert len(stages) == 2 + sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    torch.testing.assert_close(stages_forward(stages, x), model(x), atol=0, rtol=0)
+    assert stage_chain("auto", stages, model, x) is not None  # what engine auto then runs
+    assert not any(isinstance(m, type(model)) for s in stages for m in s.modules())  # no stage holds the whole model
+
+
 def test_documented_models_are_tested_and_most_are_handled():
     documented = not_handled()
     assert set(documented) <= set(MODELS), f"docs list untested models: {set(documented) - set(MODELS)}"

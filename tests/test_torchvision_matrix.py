@@ -1,7 +1,7 @@
 """Every torchvision classification builder: handled with cut == removal, or documented.
 
 A model is handled when `adapter: auto` finds prunable layers and removing units from them
-(through `PruningPlan.apply_prefix`, as a run does) gives the same outputs as cutting them.
+(through `cswap.replay`, as a run does) gives the same outputs as cutting them.
 The models that are not are listed with the reason in docs/architectures.md, which this
 test reads, so the documentation cannot drift from the code. The full matrix is slow
 (hundreds of millions of parameters for the largest); a representative subset runs by default.

@@ -163,11 +163,11 @@ def test_a_layer_whose_cut_is_not_its_removal_is_left_out_and_a_run_completes():
     plan = cswap.analyze(model, (x, y), samples_per_class=10, adapter="generic", progress=False)
     assert plan.layers == {"b": 10} and "cut != removal" in plan.skipped_layers["a"]
     assert plan.steps and all(step.unit.layer == "b" for step in plan.steps)
-    pruned = plan.apply(model)  # the plan replays, and its removal is the cut
+    pruned = plan.apply(model, recovery="none")  # the plan replays, and its removal is the cut
     cut_model = copy.deepcopy(model)
     cut = Intervention(cut_model, verified)
-    for unit in plan.units(plan.num_noncritical):
-        cut.cut(unit)
+    for step in plan.steps[:plan.num_noncritical]:
+        cut.cut(step.unit)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), cut_model(x), atol=1e-6, rtol=0)
 

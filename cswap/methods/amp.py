@@ -23,7 +23,7 @@ from ..compensation import make_intervention
 from ..engine import make_engine
 from ..errors import ModelError
 from ..interfaces import PROGRESSIVE, RANKED, Analysis, Criterion, Manifold, PlanStep, Ranking, Scores, ScoringFunction
-from ..tail_order import order_tail
+from ..tail_order import kept_tail
 
 
 class AMPCriterion(Criterion):
@@ -65,14 +65,11 @@ class AMPCriterion(Criterion):
                 else:
                     step.phase, step.category = RANKED, "kept"
                     kept.append(step)
-        kept = order_tail(a.model, a.units, removed, kept, lambda s: s.score, o.critical_order)
-        meta = {"seed": seed, "options": self.options.model_dump(), "engine": type(sigma_of).__name__,
-                "categories": {"removed": len(removed), "kept": len(kept)}}
-        if o.critical_order != "effect":
-            meta["critical_order"] = o.critical_order
-        if o.intervention != "zero":  # the replay compensates the same way (cswap.replay)
-            meta.update(intervention=o.intervention, ridge=o.ridge)
-        return Ranking(self.name, removed + kept, meta=meta)
+        kept, tail_meta = kept_tail(o, a.model, a.units, removed, kept, lambda s: s.score)
+        meta = {"options": self.options.model_dump(), "engine": sigma_of.kind,
+                "categories": {"removed": len(removed), "kept": len(kept)}, **tail_meta}
+        # the replay compensates the same way, with the statistics of the same S (cswap.replay)
+        return Ranking(self.name, removed + kept, meta=meta, seed=seed, intervention=o.intervention, ridge=o.ridge)
 
     def _metric(self, work: nn.Module, manifold: Manifold, scorer: ScoringFunction):
         """The per-sample scoring function, the sample set it reads (under `kl` the targets are

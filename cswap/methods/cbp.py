@@ -36,7 +36,8 @@ class CBPCriterion(Criterion):
                                a.device)
         base = sigma_of.baseline()
         all_units = [u for layer in units.layers for u in layer.units()]
-        stars = [sigma_of.trial(unit).values for unit in tqdm(all_units, desc="cbp", unit="unit", disable=not a.progress)]
+        bar = tqdm(all_units, desc="cbp", unit="unit", disable=not a.progress)
+        stars = [sigma_of.trial(unit).values for unit in bar]
         decisions = a.test.decide(base.values, np.stack(stars), base.groups)
         xi = {u: d.xi for u, d in zip(all_units, decisions)}
         if self.options.normalize == "layer":
@@ -55,6 +56,5 @@ class CBPCriterion(Criterion):
                  for u, d in ordered]
         counts = Counter(d.category for d in decisions)
         return Ranking(self.name, steps, meta={
-            "seed": seed, "options": self.options.model_dump(), "forward_passes": sigma_of.passes,
-            "engine": type(sigma_of).__name__,
-            "categories": {k: counts.get(k, 0) for k in ("neutral", "detrimental", "critical")}})
+            "options": self.options.model_dump(), "forward_passes": sigma_of.passes, "engine": sigma_of.kind,
+            "categories": {k: counts.get(k, 0) for k in ("neutral", "detrimental", "critical")}}, seed=seed)

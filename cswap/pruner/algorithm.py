@@ -8,6 +8,10 @@
             else: keep n, remember xi_n                         (the critical buffer)
     critical units go only when a target asks for them, in `critical_order` (cswap/tail_order.py)
 
+One addition to the paper: a test that asks for equivalence (`neutral: equivalent`) may call a
+unit inconclusive (neither significant nor shown harmless). Such a unit is kept exactly as a
+critical one is: what the test could not judge is never removed by this loop.
+
 Everything that is not this loop lives in the walk it is handed (`cswap.pruner.walk.Walk`):
 the baseline sigma (which becomes sigma* of each removed unit, so no extra pass is needed),
 the engine that computes sigma*, replaying recorded decisions on resume, speculative unit
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..interfaces import CRITICAL, Layer
+from ..interfaces import Layer
+from .record import KEPT
 
 
 def algorithm1(walk, layers: Iterable[Layer]) -> None:
@@ -30,7 +35,7 @@ def algorithm1(walk, layers: Iterable[Layer]) -> None:
                 walk.leave_untested(units[i:])
                 break
             star, step = walk.test(unit, upcoming=units[i + 1:])
-            if step.category == CRITICAL:
+            if step.category in KEPT:  # critical, or inconclusive
                 walk.keep(step)
             else:
                 walk.remove([step], star)

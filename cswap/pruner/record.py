@@ -14,9 +14,12 @@ import time
 from collections import Counter
 from typing import Callable, Sequence
 
-from ..interfaces import CRITICAL_RANKED, PROGRESSIVE, Decision, PlanStep, Ranking, Unit
+from ..interfaces import CRITICAL, CRITICAL_RANKED, INCONCLUSIVE, PROGRESSIVE, Decision, PlanStep, Ranking, Unit
 
 CATEGORIES = ("neutral", "detrimental", "critical", "untested")
+#: verdicts that keep a unit in the progressive phase: critical, and inconclusive (the test could
+#: not show it harmless); both go to the kept tail, which only a target takes
+KEPT = frozenset({CRITICAL, INCONCLUSIVE})
 
 
 class Record:
@@ -52,6 +55,7 @@ class Record:
         return step
 
     def keep(self, step: PlanStep) -> None:
+        """A kept unit (critical or inconclusive) joins the tail."""
         step.phase = CRITICAL_RANKED
         self.critical.append(step)
 
@@ -75,10 +79,20 @@ class Record:
                 "passes": int(self.spent["passes"]) + self.passes()}
 
     def counts(self) -> dict[str, int]:
-        return {k: self.categories.get(k, 0) for k in CATEGORIES}
+        """Units per category. `inconclusive` is counted only when the test made such verdicts,
+        so a plan of the paper's rule (which cannot) keeps the four categories it always had."""
+        counts = {k: self.categories.get(k, 0) for k in CATEGORIES}
+        if self.categories.get(INCONCLUSIVE, 0):
+            counts[INCONCLUSIVE] = self.categories[INCONCLUSIVE]
+        return counts
+
+    def tested(self) -> int:
+        """Units the test judged (every category but `untested`)."""
+        return sum(v for k, v in self.categories.items() if k != "untested")
 
     def ranking(self, meta: dict, order: Callable[[list[PlanStep], list[PlanStep]], list[PlanStep]]) -> Ranking:
-        """Removed units in the order they went, then the critical ones as `order(removed,
-        critical)` puts them (cswap/tail_order.py; `critical` is in the order they were tested)."""
+        """Removed units in the order they went, then the kept ones (critical and inconclusive)
+        as `order(removed, kept)` puts them (cswap/tail_order.py; `kept` is in the order they
+        were tested)."""
         tail = order(self.removed, self.critical)
         return Ranking("cswap", self.removed + tail, meta, dict(self.protected))

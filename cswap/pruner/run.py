@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
 from ..errors import ResourceError
 from ..interfaces import Analysis, Manifold, Ranking
 from ..precision import exact_fp32
-from ..tail_order import order_tail
+from ..tail_order import kept_tail
 from .algorithm import algorithm1
 from .fast import group_testing
 from .record import Record
@@ -26,12 +27,15 @@ from .walk import Walk
 log = logging.getLogger("cswap")
 
 
-def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | None = None, checkpoint=None,
-                      checkpoint_seconds: float = 2.0, resume: dict | None = None) -> Ranking:
+def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | None = None,
+                      samples_per_class: int | None = None, checkpoint=None, checkpoint_seconds: float = 2.0,
+                      resume: dict | None = None) -> Ranking:
     """Run Algorithm 1 on a copy of `analysis.model` (which is not changed) and return its
     ranking: the removed units in order, then the critical ones in `critical_order`.
 
-    S is `manifold`, or the task's for `seed`; the seed also orders the units of each layer.
+    S is `manifold` (drawn with `samples_per_class`, None: the task's own M_k), or the task's
+    for `seed`; the seed also orders the units of each layer. The ranking records how S was
+    drawn and how units were cut, so a replay repeats both.
     `checkpoint(state)` receives every decision so far, at most every `checkpoint_seconds`
     and after each layer; `resume=state` replays those decisions (removed units are cut
     again, no test is re-run), recomputes sigma once, and continues, so a resumed run gives
@@ -41,13 +45,15 @@ def progressive_prune(analysis: Analysis, seed: int, *, manifold: Manifold | Non
     if recorded and analysis.options.fast.enabled:
         log.warning("fast modes do not resume; the analysis starts again")
         recorded = []
-    manifold = manifold if manifold is not None else analysis.task.manifold(seed)
+    manifold = manifold if manifold is not None else analysis.task.manifold(seed, samples_per_class)
     spent = {k: (resume or {})[k] for k in ("analysis_seconds", "passes") if recorded and k in (resume or {})}
     while True:
         record = Record(recorded, checkpoint, checkpoint_seconds, spent)
         try:
             with exact_fp32(analysis.device):  # the baseline and every fp32 trial (cuDNN would use TF32)
-                return _walk(analysis, seed, manifold, record)
+                ranking = _walk(analysis, seed, manifold, record)
+                return replace(ranking, seed=seed, samples_per_class=samples_per_class or analysis.task.samples_per_class,
+                               intervention=analysis.options.intervention, ridge=analysis.options.ridge)
         except torch.OutOfMemoryError as exc:
             recorded = list(record.decisions) if len(record.decisions) > len(recorded) else recorded
             manifold = _halved(manifold, exc)
@@ -67,31 +73,31 @@ def _walk(analysis: Analysis, seed: int, manifold: Manifold, record: Record) -> 
             algorithm1(walk, analysis.units.layers)
     finally:
         walk.progress.close()
-    meta = {"seed": seed, "samples": int(len(trials.base.values)), "categories": record.counts()}
-    meta["units_tested"] = sum(meta["categories"][k] for k in ("neutral", "detrimental", "critical"))
+    meta = {"samples": int(len(trials.base.values)), "categories": record.counts()}
+    meta["units_tested"] = record.tested()
     if analysis.options.precision != "fp32":  # reduced-precision trials (cswap/precision.py); fp32 adds nothing
         meta["precision"] = analysis.options.precision
-    if analysis.options.intervention != "zero":  # the replay must compensate the same way (cswap.replay)
-        meta.update(intervention=analysis.options.intervention, ridge=analysis.options.ridge)
     if fast.enabled:  # unit-forward passes: trials, and trials counted by the share of S they ran
         meta["fast"] = {**fast.model_dump(), "trials": trials.count,
                         "trial_sample_passes": round(trials.batches / max(1, len(trials.engine.batches)), 3)}
     engine, speculation = trials.engine, trials.speculation
-    log.info("analysis (%s engine): %d passes over S in %.1f s%s", type(engine).__name__, engine.passes,
+    log.info("analysis (%s engine): %d passes over S in %.1f s%s", engine.kind, engine.passes,
              time.perf_counter() - started, speculation.summary() if speculation and speculation.k > 1 else "")
-    if analysis.options.critical_order != "effect":  # "effect" is the paper's order (and older plans')
-        meta["critical_order"] = analysis.options.critical_order
-    return record.ranking(meta, lambda removed, critical: order_tail(
-        analysis.model, analysis.units, removed, critical, lambda s: -s.xi, analysis.options.critical_order))
+
+    def tail(removed, critical):  # the kept tail's order, and what the plan records of it
+        ordered, recorded = kept_tail(analysis.options, analysis.model, analysis.units, removed, critical,
+                                      lambda s: -s.xi)
+        meta.update(recorded)
+        return ordered
+
+    return record.ranking(meta, tail)
 
 
 def _announce(walk: Walk, analysis: Analysis, manifold: Manifold, engine) -> None:
     """|S| and the engine, in the log and on the console above the progress bar (not --quiet)."""
-    inner = getattr(engine, "engine", engine)  # a reduced-precision wrapper names its engine
-    kind = "full" if type(inner).__name__ == "FullForward" else "delta" if getattr(inner, "delta", False) else "staged"
     precision = analysis.options.precision
     text = (f"analysis: {analysis.units.num_units} units in {len(analysis.units.layers)} layers, "
-            f"|S| = {len(manifold)} samples, {kind} engine" + (f", {precision} trials" if precision != "fp32" else ""))
+            f"|S| = {len(manifold)} samples, {engine.kind} engine" + (f", {precision} trials" if precision != "fp32" else ""))
     log.info(text)
     walk.progress.note(text)
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..engine import FullForward
-from ..errors import ConfigError
 from ..interfaces import Scores, Unit
 
 log = logging.getLogger("cswap")
@@ -39,13 +38,12 @@ class Speculation:
         self.stats = {"batches": 0, "units": 0, "thrown_away": 0}
 
     def _size(self, unit_batch: int | str, device) -> int:
+        """k for this device and engine (`AnalysisOptions` has validated `unit_batch`)."""
         if unit_batch == "auto":
             if torch.device(device).type != "cuda" or not self.engine.can_batch:
                 return 1
             free, _ = torch.cuda.mem_get_info(torch.device(device))
             return max(1, min(self.MAX_AUTO, int(0.5 * free // max(1, self._cache_bytes()))))
-        if not isinstance(unit_batch, int) or unit_batch < 1:
-            raise ConfigError(f"pruning.unit_batch must be a positive integer or 'auto', not {unit_batch!r}")
         if unit_batch > 1 and not self.engine.can_batch:
             log.warning("unit_batch needs the staged engine; evaluating one unit at a time")
             return 1

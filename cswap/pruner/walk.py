@@ -14,7 +14,7 @@ import numpy as np
 
 from ..interfaces import Analysis, Layer, PlanStep, Scores, Unit
 from .progress import Progress
-from .record import Record
+from .record import KEPT, Record
 from .trials import Trials
 
 log = logging.getLogger("cswap")
@@ -54,13 +54,23 @@ class Walk:
         return star, self.record.add(unit, decision, **({"samples_seen": len(star.values)} if early else {}))
 
     def keep(self, step: PlanStep) -> None:
-        """A critical unit stays; it joins the tail of the plan."""
+        """A critical or inconclusive unit stays; it joins the tail of the plan."""
         self.record.keep(step)
         self._advance(1)
 
     def remove(self, steps: list[PlanStep], star: Scores | None) -> None:
         """The units of `steps` (one, or a jointly tested block) go for good; the network is
-        the trial's (sigma <- sigma*), or, for replayed decisions, re-cut without a trial."""
+        the trial's (sigma <- sigma*), or, for replayed decisions, re-cut without a trial.
+
+        A step whose verdict keeps its unit (critical, inconclusive: `KEPT`) is kept instead,
+        whoever asks: a loop that checks only for `critical` cannot remove what the test could
+        not judge. The steps of one call share one verdict (a unit, or a jointly tested block)."""
+        if any(s.category in KEPT for s in steps):
+            if not all(s.category in KEPT for s in steps):
+                raise RuntimeError("a jointly removed block mixes kept and removable verdicts")
+            for step in steps:
+                self.keep(step)
+            return
         units = [s.unit for s in steps]
         if star is None:
             for unit in units:

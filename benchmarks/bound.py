@@ -1,4 +1,4 @@
-"""The work Algorithm 1 cannot avoid, in multiply-accumulates, per unit.
+"""The work Algorithm 1 cannot avoid, in multiply-accumulates, per unit (benchmarks/engine_speed.py).
 
 For a unit, everything before its first reader C is unchanged by the cut (it can be cached),
 and everything from C to the output must be recomputed. C's own output can instead be
@@ -12,9 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hooks import trace_calls
-from .interfaces import UnitGraph
-from .metrics import WEIGHTED, module_macs
+from torch.utils.flop_counter import FlopCounterMode
+
+from cswap.hooks import trace_calls
+from cswap.interfaces import UnitGraph
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def module_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[nn.Module, int]:
+    """MACs of every convolution and linear layer in one forward of the first sample, as
+    torch's FlopCounterMode counts them (the library's one counter, `cswap.metrics`)."""
+    names = {f"{type(model).__name__}.{n}": m for n, m in model.named_modules() if isinstance(m, WEIGHTED)}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(example_inputs[:1])
+    return {names[k]: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items() if k in names}
 
 
 def unavoidable_share(model: nn.Module, graph: UnitGraph, example_inputs: torch.Tensor) -> dict[str, float]:
@@ -25,7 +37,7 @@ def unavoidable_share(model: nn.Module, graph: UnitGraph, example_inputs: torch.
     cached = delta = 0.0
     units = 0
     for layer in graph.layers:
-        readers = [model.get_submodule(p.rpartition(".")[0]) for p, _, _ in layer.reads]
+        readers = [model.get_submodule(name) for name in layer.readers()]
         first = min(readers, key=lambda m: order.get(m, 1 << 30))
         suffix = sum(c for m, c in macs.items() if order[m] >= order[first])
         in_width = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[1]
