@@ -1,4 +1,4 @@
-"""Tiny models and in-memory tasks shared by the criteria and curve tests (CPU, seconds)."""
+"""Tiny models, in-memory tasks and a minimal significance test shared by the tests (CPU, seconds)."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
+from cswap.interfaces import Decision, SignificanceTest
 from cswap.models.cifar_resnet import cifar_resnet8
 from cswap.tasks.classification import ClassificationTask
 
@@ -57,3 +58,19 @@ def train_briefly(model: nn.Module, task, steps: int = 30) -> nn.Module:
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval()
+
+
+class AlwaysNeutral(SignificanceTest):
+    """A third-party test in its smallest form: every unit neutral, the interface's defaults
+    for everything else (`for_scorer` among them), nothing the core knows by name."""
+
+    alpha = 0.05
+
+    def with_alpha(self, alpha):
+        return self
+
+    def effect(self, sigma, sigma_star):
+        return sigma_star - sigma
+
+    def decide(self, sigma, sigma_star, groups):
+        return [Decision("neutral", 0.0, {}, []) for _ in sigma_star]

@@ -422,23 +422,12 @@ def test_labels_the_model_cannot_predict_and_non_finite_inputs_are_named():
 
 
 def test_a_test_that_cannot_judge_the_scorer_is_named():
-    from cswap.interfaces import Decision, SignificanceTest
+    from helpers_tiny import AlwaysNeutral
+
     from cswap.pairing import paired_for
-
-    class HigherOnly(SignificanceTest):  # keeps the interface's default for_scorer
-        alpha = 0.05
-
-        def with_alpha(self, alpha):
-            return self
-
-        def effect(self, sigma, sigma_star):
-            return sigma_star - sigma
-
-        def decide(self, sigma, sigma_star, groups):
-            return [Decision("neutral", 0.0, {}, []) for _ in sigma_star]
 
     class Loss:
         higher_is_better = False
 
     with pytest.raises(ConfigError, match="test 'higher_only' cannot judge scorer 'loss' \\(lower-is-better\\)"):
-        paired_for(HigherOnly(), Loss(), "higher_only", "loss")
+        paired_for(AlwaysNeutral(), Loss(), "higher_only", "loss")  # the interface's default for_scorer

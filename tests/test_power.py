@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cswap.causal import PairedTTest
-from cswap.interfaces import Decision, Scores, SignificanceTest
+from cswap.interfaces import Scores
 from cswap.plan import PruningPlan
 from cswap.power import POWER, detectable_effect, equivalence_margin, observations_needed, power_of
 
@@ -116,19 +116,9 @@ def test_equivalence_margin_is_shown_for_a_harmless_unit_at_least_80_percent():
 
 
 def test_a_test_it_does_not_model_has_no_power_estimate():
-    class Other(SignificanceTest):
-        alpha = 0.05
+    from helpers_tiny import AlwaysNeutral
 
-        def with_alpha(self, alpha):
-            return self
-
-        def effect(self, sigma, sigma_star):
-            return sigma_star - sigma
-
-        def decide(self, sigma, sigma_star, groups):
-            return [Decision("neutral", 0.0) for _ in sigma_star]
-
-    assert power_of(Other(), _baseline(4, (0.1,)), 4) is None
+    assert power_of(AlwaysNeutral(), _baseline(4, (0.1,)), 4) is None
 
 
 def test_too_few_observations_detect_nothing():
