@@ -24,6 +24,7 @@ P(both one-sided tests reject) >= 1 - 2 P(one does not), which is tight at high 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -50,12 +51,18 @@ def detectable_effect(n: int, spread: float, alpha: float, power: float = POWER)
         return math.inf
     if spread <= 0:
         return 0.0
-    df = n - 1
+    return _detectable_ncp(n - 1, alpha, power) * spread / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _detectable_ncp(df: int, alpha: float, power: float) -> float:
+    """The noncentrality `detectable_effect` needs: it depends on the degrees of freedom, alpha
+    and the power alone, so the groups of S that share a size (every class, mostly) share one
+    root-find (about 50 ms each: a minute over 1000 classes solved one by one)."""
     high = 1.0
     while _two_sided_power(high, df, alpha) < power:
         high *= 2
-    ncp = optimize.brentq(lambda c: _two_sided_power(c, df, alpha) - power, 0.0, high, xtol=1e-10)
-    return ncp * spread / math.sqrt(n)
+    return optimize.brentq(lambda c: _two_sided_power(c, df, alpha) - power, 0.0, high, xtol=1e-10)
 
 
 def equivalence_margin(n: int, spread: float, alpha: float, power: float = POWER) -> float:
@@ -65,14 +72,18 @@ def equivalence_margin(n: int, spread: float, alpha: float, power: float = POWER
         return math.inf
     if spread <= 0:
         return 0.0
-    df = n - 1
+    return _equivalence_ncp(n - 1, alpha, power) * spread / math.sqrt(n)
+
+
+@functools.lru_cache(maxsize=1024)
+def _equivalence_ncp(df: int, alpha: float, power: float) -> float:
+    """The noncentrality `equivalence_margin` needs (shared across groups, as `_detectable_ncp`)."""
     crit = stats.t.isf(alpha, df)
     miss = (1 - power) / 2  # each one-sided test may fail this often
     high = 1.0
     while stats.nct.cdf(crit, df, high) > miss:
         high *= 2
-    ncp = optimize.brentq(lambda c: stats.nct.cdf(crit, df, c) - miss, 0.0, high, xtol=1e-10)
-    return ncp * spread / math.sqrt(n)
+    return optimize.brentq(lambda c: stats.nct.cdf(crit, df, c) - miss, 0.0, high, xtol=1e-10)
 
 
 def observations_needed(spread: float, alpha: float, threshold: float, power: float = POWER,
