@@ -95,15 +95,16 @@ class NormalEquations:
         return 1.0 - self.total.error(a) / max(self.total.variance(), 1e-300)
 
 
-def solve_towards(gram: torch.Tensor, cross: torch.Tensor, ridge: float, prior: torch.Tensor,
+def solve_towards(gram: torch.Tensor, cross: torch.Tensor, ridge: float, prior: torch.Tensor | None,
                   intercept: bool) -> torch.Tensor:
     """argmin ||X A - Y||^2 + lambda ||A_w - prior_w||^2, lambda = ridge * mean(diag(X^T X)) over
-    the weight rows (the intercept is not penalised): ridge -> infinity keeps the prior."""
+    the weight rows (the intercept is not penalised): ridge -> infinity keeps the prior; no
+    prior is plain ridge regression towards zero (a well-determined re-fit)."""
     n = gram.shape[0] - int(intercept)
     lam = ridge * gram.diagonal()[:n].mean().clamp_min(1e-12)
     reg = torch.zeros_like(gram)
     reg.diagonal()[:n] = lam
-    return torch.linalg.solve(gram + reg, cross + reg @ prior)
+    return torch.linalg.solve(gram + reg, cross if prior is None else cross + reg @ prior)
 
 
 @dataclass

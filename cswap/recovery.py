@@ -184,7 +184,7 @@ def refit_least_squares(reader: Reader, cut: nn.Module, original: nn.Module, cal
     eq = _normal_equations(reader, cut, original, calibration, snapshot, cols, intercept)
     size = (eq.total.rows, eq.total.gram.shape[0])
     if eq.folds == 0:  # well determined: the plain ridge, as always
-        solution = _ridge_solve(eq.total.gram, eq.total.cross, ridge, intercept)
+        solution = solve_towards(eq.total.gram, eq.total.cross, ridge, None, intercept)
         fit = LayerFit(*size, ridge, eq.r2(solution))
     elif eq.folds == 1:
         return "too few calibration samples for its columns, and too few to hold out: left unrepaired", \
@@ -230,15 +230,6 @@ def _unrepaired(cut: nn.Module, reader: Reader, cols: torch.Tensor, intercept: b
         return weights
     bias = m.bias.detach().double() if reader.bias_sink == "bias" else torch.zeros(len(weights.T), dtype=torch.float64)
     return torch.cat([weights, bias.to(weights.device)[None]], 0)
-
-
-def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float, intercept: bool) -> torch.Tensor:
-    """argmin ||X A - Y||^2 + lambda ||A_weights||^2 with lambda = ridge * mean(diag(X^T X))."""
-    n = gram.shape[0] - int(intercept)
-    lam = ridge * gram.diagonal()[:n].mean().clamp_min(1e-12)
-    reg = torch.zeros_like(gram)
-    reg.diagonal()[:n] = lam
-    return torch.linalg.solve(gram + reg, cross)
 
 
 def _set_fit(cut: nn.Module, reader: Reader, cols: torch.Tensor, solution: torch.Tensor, intercept: bool) -> None:
