@@ -24,11 +24,9 @@ from .tail_order import bottleneck_layers, layers_below_floor, widths_after
 NEAR_CHANCE = 0.25  # near chance: less than this share of the unpruned model's margin over chance kept on S
 
 
-def thin_layers(plan, removed: Iterable[Unit], bottlenecks: Iterable[str] | None = None) -> list[dict]:
-    """The bottlenecks the removal of `removed` leaves below the plan's floor, most thinned
-    first (`bottlenecks`: the plan's record, else these; None in both: every layer)."""
-    floor = MinWidth(**plan.meta["min_width"]) if "min_width" in plan.meta else MinWidth()
-    bottlenecks = plan.meta.get("bottlenecks", bottlenecks)
+def thin_layers(plan, removed: Iterable[Unit], floor: MinWidth, bottlenecks: Iterable[str] | None) -> list[dict]:
+    """The `bottlenecks` (None: every layer) the removal of `removed` leaves below `floor`, most
+    thinned first."""
     after = widths_after(plan.layers, (u.layer for u in removed))
     return [{"layer": t.name, "width": t.width_after, "of": t.width_before, "floor": t.floor}
             for t in layers_below_floor(plan.layers, after, floor, bottlenecks)]
@@ -38,8 +36,12 @@ def collapse(plan, removed: list[Unit], task: Task, model: nn.Module, graph: Uni
              sample_set: Manifold, device: torch.device | str) -> dict:
     """report.json's `collapse`: the thin layers, the accuracy on S before and after and
     chance (the largest class's share of S), and the warning lines the run summary prints."""
-    probed = None if "bottlenecks" in plan.meta else bottleneck_layers(model, graph)
-    out: dict = {"thin_layers": thin_layers(plan, removed, probed)}
+    floor = MinWidth(**plan.meta["min_width"]) if "min_width" in plan.meta else MinWidth()
+    if floor.trivial:  # a plan never removes a layer's last unit: nothing can be below this floor
+        out: dict = {"thin_layers": []}
+    else:
+        bottlenecks = plan.meta["bottlenecks"] if "bottlenecks" in plan.meta else bottleneck_layers(model, graph)
+        out = {"thin_layers": thin_layers(plan, removed, floor, bottlenecks)}
     if task.metric == "accuracy" and task.measures_outcomes:
         counts = sample_set.class_counts
         out["chance"] = max(counts.values()) / max(sum(counts.values()), 1)
